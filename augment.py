@@ -1,0 +1,273 @@
+"""BYOL's two asymmetric view distributions (arXiv 2006.07733, Appendix B, Table 6).
+
+Every op runs on a whole uint8 batch on the training device, with its randomness drawn per image
+from torch's global RNG (so checkpoints can restore it), applied through masks and torch.where:
+no Python loop over images and no host sync. Each op matches torchvision.transforms.v2.functional
+on the same parameters (tests/test_augment.py checks this).
+
+    python augment.py --show    # writes README.assets/views.png (needs matplotlib + the CIFAR jpgs)
+    python augment.py --bench   # CPU/GPU throughput of Augment(32)
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+VIEWS = {  # Appendix B, Table 6: the asymmetric pair, probabilities side by side
+    "view1": dict(flip=0.5, jitter=0.8, gray=0.2, blur=1.0, solarize=0.0),
+    "view2": dict(flip=0.5, jitter=0.8, gray=0.2, blur=0.1, solarize=0.2),
+}
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)  # Appendix B, Table 6
+BLUR_SIGMA = (0.1, 2.0)  # Appendix B, Table 6: sigma ~ U[0.1, 2.0]
+# CIFAR-10 train-set per-channel mean/std, as in the public CIFAR recipes (e.g. solo-learn, kuangliu).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _bcast(v):  # (N,) -> (N,1,1,1), to scale a batch of images per image
+    return v.view(-1, 1, 1, 1)
+
+
+def _where(mask, y, x):  # per image: y where mask else x
+    return torch.where(_bcast(mask), y, x)
+
+
+def _coin(n, p, device):  # (N,) bool, each True with probability p
+    return torch.rand(n, device=device) < p
+
+
+def _uniform(n, lo, hi, device):  # (N,) floats ~ U[lo, hi]
+    return lo + (hi - lo) * torch.rand(n, device=device)
+
+
+def to_float(images):
+    """uint8 (N,3,H,W) -> float32 in [0,1]; float input is taken to be in [0,1] already."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
+def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    """uint8 or [0,1] float (N,3,H,W) -> (x - mean) / std, float32 on the same device."""
+    x = to_float(images)
+    # built on the host and copied without a stream sync (as torchvision does for its lookup tables)
+    mean = torch.tensor(mean).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    std = torch.tensor(std).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    return (x - mean) / std
+
+
+# ---- random resized crop: torchvision RandomResizedCrop.get_params, batched -------------------
+
+def sample_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu", tries=10):
+    """(N,4) long boxes (top, left, h, w): area ~ U[scale] * H*W, log aspect ~ U[log ratio].
+
+    As torchvision: the first of `tries` candidates that fits, else a centre crop with the aspect
+    ratio clamped to `ratio`. All candidates are drawn at once, per image.
+    """
+    area = torch.empty(n, tries, device=device).uniform_(*scale) * (height * width)
+    log_r = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    w = torch.sqrt(area * torch.exp(log_r)).round().long()  # NxT
+    h = torch.sqrt(area / torch.exp(log_r)).round().long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.int().argmax(1, keepdim=True)  # argmax returns the first maximal index
+    h, w, ok = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], ok.any(1)  # N
+    top = (torch.rand(n, device=device) * (height - h + 1)).floor().long()
+    left = (torch.rand(n, device=device) * (width - w + 1)).floor().long()
+    # fallback: centre crop, aspect ratio clamped (python ints, as in torchvision)
+    fh, fw = height, width
+    if width / height < min(ratio):
+        fh = int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        fw = int(round(height * max(ratio)))
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return torch.stack([torch.where(ok, v, f) for v, f in zip((top, left, h, w), fallback)], 1)
+
+
+def resized_crop(x, boxes, size):
+    """Crop each image to its (top, left, h, w) box and resize to size x size, bilinear, no antialias.
+
+    One grid_sample; equals v2.functional.resized_crop(..., antialias=False) (like tf.image.resize in
+    the paper's code). Output pixel i samples top + (i + 0.5) * h / size - 0.5, clamped inside the
+    crop as F.interpolate clamps at the crop's edges.
+    """
+    N, _, H, W = x.shape
+    top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)  # N each
+    i = torch.arange(size, device=x.device, dtype=torch.float32) + 0.5  # S
+    ys = top[:, None] + i * (h / size)[:, None] - 0.5  # NxS, source pixel rows
+    xs = left[:, None] + i * (w / size)[:, None] - 0.5
+    ys = torch.minimum(torch.maximum(ys, top[:, None]), (top + h - 1)[:, None])
+    xs = torch.minimum(torch.maximum(xs, left[:, None]), (left + w - 1)[:, None])
+    gy, gx = (2 * ys + 1) / H - 1, (2 * xs + 1) / W - 1  # pixel -> grid_sample coords
+    grid = torch.stack([gx[:, None, :].expand(N, size, size), gy[:, :, None].expand(N, size, size)], -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ---- per-image ops on float images in [0,1]; factors are (N,) tensors --------------------------
+
+def hflip(x, mask):
+    return _where(mask, x.flip(-1), x)
+
+
+def grayscale(x):  # ITU-R 601 luma weights as torchvision; 3 channels out
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None].expand_as(x)
+
+
+def _blend(x, y, factor):  # torchvision _blend: factor * x + (1 - factor) * y, clamped
+    f = _bcast(factor)
+    return (f * x + (1 - f) * y).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):
+    return (x * _bcast(factor)).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):
+    return _blend(x, grayscale(x)[:, :1].mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x, factor):
+    return _blend(x, grayscale(x), factor)
+
+
+def _rgb_to_hsv(x):  # as torchvision (Pillow's algorithm), h in [0,1)
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    eq = delta == 0
+    s = delta / torch.where(eq, torch.ones_like(maxc), maxc)
+    d = torch.where(eq, torch.ones_like(delta), delta)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = torch.where(eq, torch.zeros_like(h), h)
+    return ((h / 6 + 1) % 1), s, maxc
+
+
+def _hsv_to_rgb(h, s, v):  # closed form: c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    n = 5 - 2 * torch.arange(3, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = (n + 6 * h[:, None]) % 6
+    return v[:, None] - v[:, None] * s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def adjust_hue(x, factor):  # factor in [-0.5, 0.5], a shift of hue as a fraction of the circle
+    h, s, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb((h + factor.view(-1, 1, 1)) % 1, s, v)
+
+
+def color_jitter(x, p, brightness, contrast, saturation, hue):
+    """With probability p per image, the four jitter ops with per-image factors, in a per-image random
+    order (as torchvision ColorJitter)."""
+    N, dev = x.shape[0], x.device
+    ops = [
+        lambda x, f: adjust_brightness(x, f),
+        lambda x, f: adjust_contrast(x, f),
+        lambda x, f: adjust_saturation(x, f),
+        lambda x, f: adjust_hue(x, f),
+    ]
+    factors = [_uniform(N, 1 - brightness, 1 + brightness, dev), _uniform(N, 1 - contrast, 1 + contrast, dev),
+               _uniform(N, 1 - saturation, 1 + saturation, dev), _uniform(N, -hue, hue, dev)]
+    order = torch.rand(N, 4, device=dev).argsort(1)  # Nx4, a random permutation of the ops per image
+    apply = _coin(N, p, dev)
+    for step in range(4):
+        for k, (op, f) in enumerate(zip(ops, factors)):
+            x = _where(apply & (order[:, step] == k), op(x, f), x)
+    return x
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Per-image sigma (N,), odd kernel_size; separable, reflect padding, as v2 gaussian_blur."""
+    N, C, H, W = x.shape
+    lim = (kernel_size - 1) / (2 * math.sqrt(2))  # torchvision's kernel: softmax(-(t / sigma)^2)
+    t = torch.linspace(-lim, lim, kernel_size, device=x.device)
+    k = torch.softmax(-(t[None] / sigma[:, None]) ** 2, dim=1)  # NxK
+    k = k.repeat_interleave(C, 0)[:, None]  # (N*C)x1xK, one kernel per image-channel
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, N * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k[..., None], groups=N * C)  # vertical
+    y = F.conv2d(y, k[:, :, None], groups=N * C)  # horizontal
+    return y.view(N, C, H, W)
+
+
+def solarize(x, threshold=0.5):
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+# ---- the two views ------------------------------------------------------------------------------
+
+class Augment:
+    """images uint8 (N,3,H,W) on any device -> (view1, view2), each normalised float32 (N,3,S,S)."""
+
+    def __init__(self, image_size=32, blur=None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.image_size, self.mean, self.std, self.scale, self.ratio = image_size, mean, std, scale, ratio
+        # Blur is off at 32 px by default: public CIFAR recipes (e.g. solo-learn's cifar config) set its
+        # probability to 0 there. The kernel is 23 px at 224, i.e. ~10% of the side, made odd.
+        self.blur = image_size > 32 if blur is None else blur
+        self.kernel_size = int(0.1 * image_size) // 2 * 2 + 1
+
+    def view(self, images, recipe):
+        """One view given a VIEWS entry (probabilities of each op), normalised float32."""
+        x = to_float(images)
+        N, _, H, W = x.shape
+        boxes = sample_crop_boxes(N, H, W, self.scale, self.ratio, x.device)
+        x = resized_crop(x, boxes, self.image_size)
+        x = hflip(x, _coin(N, recipe["flip"], x.device))
+        x = color_jitter(x, recipe["jitter"], **JITTER)
+        x = _where(_coin(N, recipe["gray"], x.device), grayscale(x), x)
+        if self.blur and recipe["blur"] > 0:
+            sigma = _uniform(N, *BLUR_SIGMA, x.device)
+            x = _where(_coin(N, recipe["blur"], x.device), gaussian_blur(x, sigma, self.kernel_size), x)
+        x = _where(_coin(N, recipe["solarize"], x.device), solarize(x), x)
+        return normalize(x.clamp(0, 1), self.mean, self.std)
+
+    def __call__(self, images):
+        x = to_float(images)  # convert once for both views
+        return self.view(x, VIEWS["view1"]), self.view(x, VIEWS["view2"])
+
+
+def crop_flip(images, image_size, scale=(0.08, 1.0), mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    """The linear-evaluation training augmentation (Appendix C.1): random resized crop + flip."""
+    x = to_float(images)
+    N, _, H, W = x.shape
+    x = resized_crop(x, sample_crop_boxes(N, H, W, scale, device=x.device), image_size)
+    return normalize(hflip(x, _coin(N, 0.5, x.device)), mean, std)
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--show", action="store_true", help="save README.assets/views.png")
+    ap.add_argument("--bench", action="store_true", help="views/s of Augment(32) on a 512-image batch")
+    ap.add_argument("--data", default=Path(__file__).resolve().parents[1] / "shared/data/cifar10-jpg/train")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    aug = Augment(32)
+    if args.bench:
+        images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device=args.device)
+        aug(images)  # warm-up
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        sync(), (t0 := time.perf_counter())
+        for _ in range(10):
+            aug(images)
+        sync()
+        print(f"{args.device}: {2 * 512 * 10 / (time.perf_counter() - t0):.0f} views/s")
+    if args.show:
+        import matplotlib.pyplot as plt
+        from torchvision.io import decode_image
+
+        files = sorted(Path(args.data).glob("*/0000.jpg"))
+        if not files:
+            raise SystemExit(f"no images under {args.data}; pass --data path/to/cifar10-jpg/train")
+        images = torch.stack([decode_image(str(f)) for f in files])
+        v1, v2 = aug(images)
+        mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+        rows = [to_float(images), v1 * std + mean, v2 * std + mean]
+        fig, axes = plt.subplots(3, len(files), figsize=(len(files), 3.3))
+        for r, (name, row) in enumerate(zip(["image", "view1", "view2"], rows)):
+            axes[r, 0].set_ylabel(name)
+            for c, img in enumerate(row):
+                axes[r, c].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+                axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        Path("README.assets").mkdir(exist_ok=True)
+        fig.savefig("README.assets/views.png", dpi=150, bbox_inches="tight")
+        print("wrote README.assets/views.png")

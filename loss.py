@@ -1,0 +1,24 @@
+"""BYOL's loss (Grill et al. 2020, arXiv 2006.07733, Sec. 3.1)."""
+import torch
+import torch.nn.functional as F
+
+
+def regression_loss(q, z):
+    """Eq. 2: L = ||q_bar - z_bar||^2 = 2 - 2 * <q, z> / (||q|| ||z||), one value per image.
+
+    q: NxD online prediction q_theta(z_theta). z: NxD target projection z'_xi.
+    The target branch is a fixed regression target: the stop-gradient sg(z') is what lets BYOL
+    avoid collapse without negatives (Sec. 3.1, Sec. 3.2 "intuitions"), so it is applied here,
+    where the loss is defined, and not left to the caller.
+    """
+    q = F.normalize(q.float(), dim=-1)           # NxD, q_bar
+    z = F.normalize(z.detach().float(), dim=-1)  # NxD, z_bar = sg(z') / ||z'||
+    return 2 - 2 * (q * z).sum(dim=-1)           # N
+
+
+def byol_loss(q1, q2, z1, z2):
+    """Sec. 3.1: L^BYOL = L + L~, the loss symmetrised over the two views, averaged over the batch.
+
+    q1 = prediction of view 1 regresses z2 = target projection of view 2, and vice versa.
+    """
+    return (regression_loss(q1, z2) + regression_loss(q2, z1)).mean()

@@ -1,0 +1,308 @@
+"""BYOL pretraining (Grill et al. 2020, arXiv 2006.07733), single file, top to bottom.
+
+    python train.py                                   # CIFAR-10, ResNet-18, the recipe below
+    python train.py --data path/to/train --epochs 3   # any ImageFolder
+    python train.py --resume runs/<name>              # continue exactly where it stopped
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+from augment import Augment
+from models import BYOL
+
+# ----------------------------------------------------------------------------------------------
+# The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
+# CIFAR setting, so CIFAR-10 values come from solo-learn's byol.yaml for CIFAR ResNet-18, the
+# strongest public recipe (92.58% linear top-1 after 1000 epochs).
+DEFAULTS = dict(
+    dataset="cifar10",     # cifar10 | cifar100 | stl10; or --data pointing at an ImageFolder
+    data="data",           # where torchvision downloads to, or an ImageFolder directory
+    image_size=32,         # px; 32 for CIFAR, 96 for STL-10
+    subset=None,           # train on a fixed random subset of this many images
+    arch="resnet18",       # resnet18 | resnet50 (paper: ResNet-50)
+    hidden_dim=4096,       # projector and predictor hidden width (paper Sec. 3.3)
+    proj_dim=256,          # projection size (paper Sec. 3.3)
+    predictor=True,        # --no-predictor: the Table 5 ablation, which collapses
+    epochs=1000,           # solo-learn (paper: 1000 on ImageNet)
+    batch_size=256,        # solo-learn (paper: 4096 on 512 TPU cores)
+    optimizer="lars",      # lars (paper) | sgd
+    base_lr=1.0,           # lr = base_lr * batch_size / 256; solo-learn (paper: 0.2)
+    weight_decay=1e-5,     # solo-learn (paper: 1.5e-6)
+    momentum=0.9,          # paper and solo-learn
+    eta=0.02,              # LARS trust coefficient; solo-learn (paper: 1e-3)
+    warmup_epochs=10,      # linear warm-up, then cosine decay (paper); capped at a tenth of the run
+    tau_base=0.99,         # EMA start, cosine to 1; solo-learn (paper: 0.996 on ImageNet)
+    blur=None,             # Gaussian blur; None = off at 32 px (solo-learn's CIFAR recipe), on above
+    joint_views=False,     # one 2N forward pass (BN shared by the views) instead of the paper's two
+    seed=0,
+    device=None,           # cuda when available, else cpu
+    compile=False,         # torch.compile the model
+    log_every=50,          # steps between log.jsonl lines (the only host syncs in the loop)
+    workers=4,             # threads decoding an ImageFolder (once, then cached)
+    out=None,              # run directory; default runs/<time>-<dataset>-<arch>
+)
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr):
+    """Sec. 3.3: linear warm-up to peak_lr over warmup_steps, then cosine decay to 0:
+    lr_k = peak_lr * k / W for k < W, else peak_lr * (1 + cos(pi (k - W) / (K - W))) / 2."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tau_at(step, total_steps, tau_base):
+    """Sec. 3.2: tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base at k = 0 to 1 at K."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as the paper uses it (Appendix C; DeepMind's byol/utils/optimizers.py):
+
+        u = g + wd * w,   trust = eta * ||w|| / ||u||  (1 where either norm is 0),
+        v <- m * v + trust * u,   w <- w - lr * v.
+
+    The momentum is torch.optim.SGD's form; DeepMind's code puts lr inside v, which differs only
+    while lr changes from step to step.
+
+    Groups with lars=False (biases and BatchNorm parameters) skip both the weight decay and the
+    trust ratio: plain SGD with momentum. All tensors of a group are updated with foreach ops.
+    """
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=1e-3):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            w = [p for p in group["params"] if p.grad is not None]
+            if not w:
+                continue
+            u = [p.grad for p in w]
+            if group["lars"]:
+                u = torch._foreach_add(u, w, alpha=group["weight_decay"])
+                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
+                u = torch._foreach_mul(u, list(trust.unbind()))
+            for p in w:
+                if "v" not in self.state[p]:
+                    self.state[p]["v"] = torch.zeros_like(p)
+            v = [self.state[p]["v"] for p in w]
+            torch._foreach_mul_(v, group["momentum"])
+            torch._foreach_add_(v, u)
+            torch._foreach_add_(w, v, alpha=-group["lr"])
+
+
+def param_groups(model, weight_decay):
+    """Appendix C: biases and BatchNorm parameters (every 1-D tensor) are excluded from weight decay
+    and from LARS adaptation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay, lars=True),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, lars=False)]
+
+
+def make_optimizer(model, cfg):
+    groups = param_groups(model, cfg["weight_decay"])
+    if cfg["optimizer"] == "lars":
+        return LARS(groups, lr=0.0, momentum=cfg["momentum"], eta=cfg["eta"])
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg["momentum"])
+    raise SystemExit(f"error: unknown --optimizer {cfg['optimizer']!r} (lars or sgd)")
+
+
+def save_atomic(obj, path):
+    """Writes to a temporary file, then renames: a crash mid-write never leaves a broken file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def rng_state(device):
+    state = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def parse_args(argv):
+    """Command-line flags override DEFAULTS. Returns (config, the flags given explicitly)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    for key, value in DEFAULTS.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {value}")
+        else:
+            kind = {int: int, float: float}.get(type(value), str)
+            if key in ("subset",):
+                kind = int
+            if key == "blur":
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, help="default: off at 32 px, on above")
+                continue
+            p.add_argument(flag, type=kind, help=f"default {value}")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="a run directory or checkpoint to continue (no value: the newest run in runs/)")
+    args = vars(p.parse_args(argv))
+    resume = args.pop("resume", None)
+    return {**DEFAULTS, **args}, args, resume
+
+
+def newest_run(runs="runs"):
+    dirs = [os.path.join(runs, d) for d in os.listdir(runs)] if os.path.isdir(runs) else []
+    dirs = [d for d in dirs if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
+    if not dirs:
+        raise SystemExit(f"error: no run with a checkpoint.pt in {runs}/; train one with: python train.py")
+    return max(dirs, key=lambda d: os.path.getmtime(os.path.join(d, "checkpoint.pt")))
+
+
+def load_checkpoint(resume):
+    path = newest_run() if resume == "latest" else resume
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        assert {"online", "target", "predictor", "optimizer", "step", "config"} <= ckpt.keys()
+    except FileNotFoundError:
+        raise SystemExit(f"error: no checkpoint at {path}; pass a run directory such as runs/<name>")
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a checkpoint written by train.py ({type(e).__name__}: {e})")
+    return ckpt, path
+
+
+def main(argv=None):
+    cfg, explicit, resume = parse_args(argv)
+    ckpt = None
+    if resume:
+        ckpt, path = load_checkpoint(resume)
+        # The run's own recipe, except what was asked for now (e.g. --device, --epochs to extend it).
+        cfg = {**ckpt["config"], **explicit, "out": os.path.dirname(path)}
+    if cfg["batch_size"] < 2:
+        raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
+                         f"least 2 images per batch (the recipe uses 256)")
+    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg["device"] = str(device)
+    torch.manual_seed(cfg["seed"])
+    out = cfg["out"] = cfg["out"] or os.path.join(
+        "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.path.basename(os.path.normpath(cfg['data'])) if data.is_image_folder(cfg['data']) else cfg['dataset']}-{cfg['arch']}")
+    os.makedirs(out, exist_ok=True)
+
+    # Data: the whole training set on the device, as uint8 (augment.py makes the views there).
+    images, _ = data.load(cfg["data"], cfg["dataset"], "train", cfg["image_size"], cfg["subset"],
+                          cfg["seed"], cache=os.path.join(os.path.dirname(os.path.abspath(out)), ".cache"),
+                          workers=cfg["workers"])
+    images = images.to(device)
+    steps_per_epoch = len(images) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: --batch-size {cfg['batch_size']} exceeds the {len(images)} training "
+                         f"images; lower it or use more data")
+    total_steps = cfg["epochs"] * steps_per_epoch
+    warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
+    peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
+
+    aug = Augment(cfg["image_size"], blur=cfg["blur"])
+    model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
+                 cfg["joint_views"]).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    step, perm = 0, None
+    if ckpt:
+        model.online.load_state_dict(ckpt["online"])
+        model.target.load_state_dict(ckpt["target"])
+        model.predictor.load_state_dict(ckpt["predictor"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, perm = ckpt["step"], ckpt["perm"].to(device)
+        set_rng_state(ckpt["rng"], device)
+    forward = torch.compile(model) if cfg["compile"] else model
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+    def checkpoint():
+        save_atomic(dict(online=model.online.state_dict(), target=model.target.state_dict(),
+                         predictor=model.predictor.state_dict(), optimizer=optimizer.state_dict(),
+                         epoch=step // steps_per_epoch, step=step, perm=perm.cpu(),
+                         rng=rng_state(device), config=cfg), os.path.join(out, "checkpoint.pt"))
+        # The encoder alone, as a plain torchvision ResNet state_dict (README: "Use the encoder").
+        save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
+
+    log = open(os.path.join(out, "log.jsonl"), "a")
+    loss_sum, n_logged, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True)
+    model.train()
+    # Ctrl-C finishes the step under way, saves, and exits; a second Ctrl-C stops at once (the
+    # checkpoint on disk is then the last complete one, never a half-written file).
+    stop = []
+
+    def on_sigint(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    signal.signal(signal.SIGINT, on_sigint)
+    # Algorithm 1, one iteration per step k.
+    while step < total_steps and not stop:
+        i = step % steps_per_epoch
+        if i == 0 or perm is None:
+            perm = torch.randperm(len(images), device=device)
+        lr = lr_at(step, total_steps, warmup_steps, peak_lr)           # Sec. 3.3
+        tau = tau_at(step, total_steps, cfg["tau_base"])                # Sec. 3.2
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = images[perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]]  # B x 3 x H x W uint8
+        view1, view2 = aug(x)                                           # v ~ T(x), v' ~ T'(x)
+        if cuda:
+            view1 = view1.contiguous(memory_format=torch.channels_last)
+            view2 = view2.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _, _ = forward(view1, view2)                          # Eq. 2, L + L~
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()                                                # theta <- opt(theta, grad)
+        model.update_target(tau)                                        # xi <- tau xi + (1-tau) theta
+        step += 1
+        loss_sum += loss.detach()
+        n_logged += 1
+        bar.update()
+        if step % cfg["log_every"] == 0 or step % steps_per_epoch == 0 or step == total_steps or stop:
+            dt, t_log = time.perf_counter() - t_log, time.perf_counter()
+            record = dict(epoch=step / steps_per_epoch, step=step, loss=loss_sum.item() / n_logged,
+                          lr=lr, tau=tau, images_per_s=n_logged * cfg["batch_size"] / dt)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}")
+            loss_sum.zero_()
+            n_logged = 0
+        if step % steps_per_epoch == 0 or step == total_steps or stop:
+            checkpoint()
+    bar.close()
+    log.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if stop:
+        raise SystemExit(f"\nInterrupted at step {step}/{total_steps}; saved {out}/checkpoint.pt. "
+                         f"Continue with: python train.py --resume {out}")
+    print(f"Done: {out}/encoder.pt. Evaluate with: python test.py {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("\nStopped. The last complete checkpoint is kept; continue with --resume.")
