@@ -133,18 +133,24 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.1, help="linear classifier lr (default 0.1)")
     p.add_argument("--augment", action="store_true", help="train the probe on random crops and flips")
     p.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate an untrained encoder instead: the baseline every result is read against")
     p.add_argument("--device", help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    if args.run is None:
-        from train import newest_run
-        args.run = newest_run()
-    encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
+    if args.random_init:
+        cfg = dict(arch=args.arch or "resnet18", image_size=args.image_size or 32)
+        encoder, run_dir, args.run = resnet(cfg["arch"], cfg["image_size"])[0], None, "random-init"
+    else:
+        if args.run is None:
+            from train import newest_run
+            args.run = newest_run()
+        encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     root, dataset = args.data or cfg.get("data", "data"), args.dataset or cfg.get("dataset", "cifar10")
-    cache = os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
+    cache = os.path.join("runs", ".cache") if run_dir is None else os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     size = cfg["image_size"]
     train_x, train_y = data.load(root, dataset, "train", size, args.subset, args.seed, cache)
     test_x, test_y = data.load(root, dataset, "test", size, args.test_subset, args.seed, cache)
@@ -168,7 +174,7 @@ def main(argv=None):
     assert not changed, f"the frozen encoder changed during evaluation: {changed[:5]}"
     result = dict(top1=top1, top5=top5, knn_top1=knn, n_train=len(train_x), n_test=len(test_x),
                   augment=args.augment, run=args.run)
-    if os.path.isdir(run_dir):
+    if run_dir and os.path.isdir(run_dir):
         with open(os.path.join(run_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
     print(f"linear top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%  kNN top-1 {100 * knn:.2f}%")

@@ -120,6 +120,27 @@ def make_optimizer(model, cfg):
     raise SystemExit(f"error: unknown --optimizer {cfg['optimizer']!r} (lars or sgd)")
 
 
+def byol_update(model, forward, optimizer, view1, view2, lr, tau):
+    """Algorithm 1 once the two views exist: the loss (Eq. 2, symmetrised), one optimizer step on
+    theta (online + predictor) at learning rate lr, then the EMA of the target with tau (Sec. 3.1).
+    `forward` is the model or its torch.compile'd wrapper. On CUDA the views go channels_last and
+    the forward pass runs in bf16 autocast. Returns the detached loss, y1 and z1 (for the monitors).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    cuda = view1.is_cuda
+    if cuda:
+        view1 = view1.contiguous(memory_format=torch.channels_last)
+        view2 = view2.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        loss, y1, z1 = forward(view1, view2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()                                  # theta <- optimizer(theta, grad L)
+    model.update_target(tau)                          # xi <- tau xi + (1 - tau) theta
+    return loss.detach(), y1, z1
+
+
 def save_atomic(obj, path):
     """Writes to a temporary file, then renames: a crash mid-write never leaves a broken file."""
     torch.save(obj, path + ".tmp")
@@ -261,21 +282,11 @@ def main(argv=None):
             perm = torch.randperm(len(images), device=device)
         lr = lr_at(step, total_steps, warmup_steps, peak_lr)           # Sec. 3.3
         tau = tau_at(step, total_steps, cfg["tau_base"])                # Sec. 3.2
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         x = images[perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]]  # B x 3 x H x W uint8
         view1, view2 = aug(x)                                           # v ~ T(x), v' ~ T'(x)
-        if cuda:
-            view1 = view1.contiguous(memory_format=torch.channels_last)
-            view2 = view2.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, _, _ = forward(view1, view2)                          # Eq. 2, L + L~
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()                                                # theta <- opt(theta, grad)
-        model.update_target(tau)                                        # xi <- tau xi + (1-tau) theta
+        loss, _, _ = byol_update(model, forward, optimizer, view1, view2, lr, tau)
         step += 1
-        loss_sum += loss.detach()
+        loss_sum += loss
         n_logged += 1
         bar.update()
         if step % cfg["log_every"] == 0 or step % steps_per_epoch == 0 or step == total_steps or stop:
