@@ -153,21 +153,33 @@ def adjust_hue(x, factor):  # factor in [-0.5, 0.5], a shift of hue as a fractio
 
 def color_jitter(x, p, brightness, contrast, saturation, hue):
     """With probability p per image, the four jitter ops with per-image factors, in a per-image random
-    order (as torchvision ColorJitter)."""
+    order (as torchvision ColorJitter).
+
+    Brightness, contrast and saturation are each a blend a x + b gray(x) + c mean(gray(x)), so the
+    three steps around the costly hue op run as blends: those before hue, then hue once, then those
+    after it. The result equals applying the ops one by one in each image's order.
+    """
     N, dev = x.shape[0], x.device
-    ops = [
-        lambda x, f: adjust_brightness(x, f),
-        lambda x, f: adjust_contrast(x, f),
-        lambda x, f: adjust_saturation(x, f),
-        lambda x, f: adjust_hue(x, f),
-    ]
-    factors = [_uniform(N, 1 - brightness, 1 + brightness, dev), _uniform(N, 1 - contrast, 1 + contrast, dev),
-               _uniform(N, 1 - saturation, 1 + saturation, dev), _uniform(N, -hue, hue, dev)]
-    order = torch.rand(N, 4, device=dev).argsort(1)  # Nx4, a random permutation of the ops per image
+    fb, fc, fs = (_uniform(N, 1 - s, 1 + s, dev) for s in (brightness, contrast, saturation))
+    fh = _uniform(N, -hue, hue, dev)
+    order = torch.rand(N, 4, device=dev).argsort(1)  # Nx4: op order[:, s] (0 b, 1 c, 2 s, 3 h) at step s
     apply = _coin(N, p, dev)
-    for step in range(4):
-        for k, (op, f) in enumerate(zip(ops, factors)):
-            x = _where(apply & (order[:, step] == k), op(x, f), x)
+    hue_step = (order == 3).int().argmax(1)          # N, the step at which hue comes
+    one, zero = torch.ones_like(fb), torch.zeros_like(fb)
+
+    def blend_step(x, step, mask):
+        k = order[:, step]
+        a = torch.where(k == 0, fb, torch.where(k == 1, fc, torch.where(k == 2, fs, one)))
+        b, c = torch.where(k == 2, 1 - fs, zero), torch.where(k == 1, 1 - fc, zero)
+        g = grayscale(x)
+        y = (_bcast(a) * x + _bcast(b) * g + _bcast(c) * g[:, :1].mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+        return _where(mask & (k != 3), y, x)
+
+    for step in range(3):
+        x = blend_step(x, step, apply & (step < hue_step))
+    x = _where(apply, adjust_hue(x, fh), x)
+    for step in range(1, 4):
+        x = blend_step(x, step, apply & (step > hue_step))
     return x
 
 
@@ -201,6 +213,7 @@ class Augment:
         # probability to 0 there. The kernel is 23 px at 224, i.e. ~10% of the side, made odd.
         self.blur = image_size > 32 if blur is None else blur
         self.kernel_size = int(0.1 * image_size) // 2 * 2 + 1
+        self._recipes = {}
 
     def view(self, images, recipe):
         """One view given a VIEWS entry (probabilities of each op), normalised float32."""
@@ -211,15 +224,22 @@ class Augment:
         x = hflip(x, _coin(N, recipe["flip"], x.device))
         x = color_jitter(x, recipe["jitter"], **JITTER)
         x = _where(_coin(N, recipe["gray"], x.device), grayscale(x), x)
-        if self.blur and recipe["blur"] > 0:
+        if self.blur and (torch.is_tensor(recipe["blur"]) or recipe["blur"] > 0):
             sigma = _uniform(N, *BLUR_SIGMA, x.device)
             x = _where(_coin(N, recipe["blur"], x.device), gaussian_blur(x, sigma, self.kernel_size), x)
         x = _where(_coin(N, recipe["solarize"], x.device), solarize(x), x)
         return normalize(x.clamp(0, 1), self.mean, self.std)
 
     def __call__(self, images):
+        """Both views as one batch of 2N, each image with its view's probabilities: half the ops."""
         x = to_float(images)  # convert once for both views
-        return self.view(x, VIEWS["view1"]), self.view(x, VIEWS["view2"])
+        n = len(x)
+        key = (n, x.device)
+        if key not in self._recipes:  # per-image probabilities, N of view 1 then N of view 2
+            self._recipes[key] = {op: torch.tensor([VIEWS["view1"][op]] * n + [VIEWS["view2"][op]] * n,
+                                                   device=x.device) for op in VIEWS["view1"]}
+        v = self.view(torch.cat([x, x]), self._recipes[key])
+        return v[:n], v[n:]
 
 
 def crop_flip(images, image_size, scale=(0.08, 1.0), mean=CIFAR10_MEAN, std=CIFAR10_STD):
@@ -251,18 +271,23 @@ if __name__ == "__main__":
             aug(images)
         sync()
         print(f"{args.device}: {2 * 512 * 10 / (time.perf_counter() - t0):.0f} views/s")
-    if args.show:
-        import matplotlib.pyplot as plt
-        from torchvision.io import decode_image
-
-        files = sorted(Path(args.data).glob("*/0000.jpg"))
-        if not files:
-            raise SystemExit(f"no images under {args.data}; pass --data path/to/cifar10-jpg/train")
-        images = torch.stack([decode_image(str(f)) for f in files])
+    if args.show:  # three rows: 8 training images (fixed seed), their view1, their view2
+        import data
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise SystemExit("error: --show needs matplotlib: pip install matplotlib")
+        try:
+            images, _ = data.load(str(args.data), "cifar10", "train", 32, subset=8, seed=0, cache="runs/.cache")
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}")
+        torch.manual_seed(0)
         v1, v2 = aug(images)
         mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
         rows = [to_float(images), v1 * std + mean, v2 * std + mean]
-        fig, axes = plt.subplots(3, len(files), figsize=(len(files), 3.3))
+        fig, axes = plt.subplots(3, len(images), figsize=(len(images), 3.3))
         for r, (name, row) in enumerate(zip(["image", "view1", "view2"], rows)):
             axes[r, 0].set_ylabel(name)
             for c, img in enumerate(row):

@@ -84,7 +84,7 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def update_target(self, tau):
-        """Sec. 3.1: xi <- tau * xi + (1 - tau) * theta, over all target parameters in one foreach op.
+        """Eq. 1: xi <- tau * xi + (1 - tau) * theta, over all target parameters in one foreach op.
 
         BatchNorm running statistics are buffers, not parameters, so they are not averaged: each
         network keeps the statistics of its own forward passes. Training uses batch statistics, so

@@ -12,11 +12,13 @@ import signal
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 from augment import Augment
 from models import BYOL
+from test import features, knn_accuracy
 
 # ----------------------------------------------------------------------------------------------
 # The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
@@ -40,12 +42,17 @@ DEFAULTS = dict(
     eta=0.02,              # LARS trust coefficient; solo-learn (paper: 1e-3)
     warmup_epochs=10,      # linear warm-up, then cosine decay (paper); capped at a tenth of the run
     tau_base=0.99,         # EMA start, cosine to 1; solo-learn (paper: 0.996 on ImageNet)
+    tau_schedule="cosine", # cosine (Sec. 3.3) | constant: tau_base throughout (Table 5a's tau = 0 row)
     blur=None,             # Gaussian blur; None = off at 32 px (solo-learn's CIFAR recipe), on above
     joint_views=False,     # one 2N forward pass (BN shared by the views) instead of the paper's two
     seed=0,
     device=None,           # cuda when available, else cpu
     compile=False,         # torch.compile the model
     log_every=50,          # steps between log.jsonl lines (the only host syncs in the loop)
+    knn_every=10,          # epochs between kNN top-1 checks on the test split (and at the end); 0 = never
+    test_subset=None,      # kNN queries: a fixed random subset of this many test images (default: all)
+    probe_lr=0.1,          # online linear probe, its own SGD with momentum 0.9; solo-learn's classifier_lr
+    collapse_z_std=0.01,   # warn when z_std stays below this for a whole log interval (healthy: 1/sqrt(proj_dim))
     workers=4,             # threads decoding an ImageFolder (once, then cached)
     out=None,              # run directory; default runs/<time>-<dataset>-<arch>
 )
@@ -61,8 +68,12 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
     return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def tau_at(step, total_steps, tau_base):
-    """Sec. 3.2: tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base at k = 0 to 1 at K."""
+def tau_at(step, total_steps, tau_base, schedule="cosine"):
+    """Sec. 3.3 (Optimization): tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base at k = 0 to 1 at K.
+    tau_base = 1 keeps the target at its random initialisation (Table 5a, 18.8%). schedule="constant"
+    keeps tau_base throughout: with 0, the target is the online network at every step (Table 5a, 0.3%)."""
+    if schedule == "constant":
+        return tau_base
     return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
@@ -122,7 +133,7 @@ def make_optimizer(model, cfg):
 
 def byol_update(model, forward, optimizer, view1, view2, lr, tau):
     """Algorithm 1 once the two views exist: the loss (Eq. 2, symmetrised), one optimizer step on
-    theta (online + predictor) at learning rate lr, then the EMA of the target with tau (Sec. 3.1).
+    theta (online + predictor) at learning rate lr, then the EMA of the target with tau: Eq. 3.
     `forward` is the model or its torch.compile'd wrapper. On CUDA the views go channels_last and
     the forward pass runs in bf16 autocast. Returns the detached loss, y1 and z1 (for the monitors).
     """
@@ -139,6 +150,93 @@ def byol_update(model, forward, optimizer, view1, view2, lr, tau):
     optimizer.step()                                  # theta <- optimizer(theta, grad L)
     model.update_target(tau)                          # xi <- tau xi + (1 - tau) theta
     return loss.detach(), y1, z1
+
+
+def probe_update(probe, optimizer, y, labels):
+    """Online linear probe (DeepMind's byol_experiment.py; solo-learn): one step of a linear classifier
+    on the representation y (B x 512), cross-entropy on the batch's labels; images labelled -1 have
+    none and are skipped. y is detached here, so no gradient can reach the encoder. Returns the
+    numbers of correct and of labelled images as device tensors (no host sync)."""
+    known = labels >= 0
+    logits = probe(y.detach().float())                                   # B x classes
+    loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / known.sum().clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return ((logits.argmax(1) == labels) & known).sum(), known.sum()
+
+
+def z_std(z):
+    """Collapse monitor (SimSiam, Chen & He 2021, Sec. 4.1): the std over the batch of each dimension
+    of z / ||z||, averaged over the d dimensions. About 1/sqrt(d) (0.0625 for d = 256) when the
+    projections spread over the sphere; 0 when every image maps to the same point."""
+    return F.normalize(z.float(), dim=1).std(0).mean()
+
+
+class Monitor:
+    """What the log reports, summed on the device as training runs and read (one host sync) only at
+    logging time: the loss and z_std (mean and max over the log interval), and the online probe's
+    hits (over the epoch)."""
+
+    def __init__(self, device):
+        self.interval = torch.zeros(3, device=device)  # sum of loss, sum of z_std, max of z_std
+        self.probe = torch.zeros(2, device=device)     # correct, labelled
+        self.steps = 0
+
+    def add(self, loss, z, probe_hits=None):
+        s = z_std(z)
+        self.interval[:2] += torch.stack([loss.float(), s])
+        torch.maximum(self.interval[2], s, out=self.interval[2])
+        if probe_hits is not None:
+            self.probe += torch.stack(probe_hits)
+        self.steps += 1
+
+    def read(self, end_of_epoch):
+        """The means since the last read (and the probe's accuracy over the epoch at its end); resets."""
+        (loss, s, s_max), (correct, labelled) = self.interval.tolist(), self.probe.tolist()
+        out = dict(loss=loss / self.steps, z_std=s / self.steps, z_std_max=s_max)
+        self.interval.zero_()
+        self.steps = 0
+        if end_of_epoch:
+            if labelled:
+                out["probe_top1"] = correct / labelled
+            self.probe.zero_()
+        return out
+
+
+def collapse_warning(z_std_max, threshold, proj_dim, first_step, last_step):
+    """The warning to print when z_std stayed below threshold at every step of a log interval, else None.
+    A random network is far from collapse (z_std near 1/sqrt(d) from step 0), so there is no warm-up
+    grace: one whole interval under the threshold is already a collapse."""
+    if z_std_max >= threshold:
+        return None
+    return (f"warning: the representation is collapsing: z_std stayed below {threshold} at every step "
+            f"from {first_step} to {last_step} (at most {z_std_max:.4f}; healthy is about 1/sqrt({proj_dim}) "
+            f"= {1 / math.sqrt(proj_dim):.4f}). Check the target's EMA (--tau-base; the recipe's 0.99), "
+            f"the learning rate (--base-lr) and the predictor (--no-predictor removes it, the paper's "
+            f"Table 5 row that collapses).")
+
+
+def knn_eval(encoder, images, labels, test, device):
+    """Weighted kNN top-1 (k = 200, t = 0.1; test.py) of the online encoder in eval mode (BN running
+    statistics): the bank is the labelled training images in memory, the queries the test split.
+    Puts the encoder back in train mode."""
+    known = labels >= 0
+    bank = features(encoder, images[known], device)
+    top1 = knn_accuracy(bank, labels[known], features(encoder, test[0], device), test[1])
+    encoder.train()
+    return top1
+
+
+def load_test_split(cfg, cache, device):
+    """The labelled test split for the kNN monitor, on the device, or None (with a note) when there is none."""
+    try:
+        x, y = data.load(cfg["data"], cfg["dataset"], "test", cfg["image_size"], cfg["test_subset"],
+                         cfg["seed"], cache=cache, workers=cfg["workers"])
+    except data.DataError as e:
+        print(f"note: no kNN monitor, as there is no labelled test split ({str(e).splitlines()[0]})")
+        return None
+    return (x[y >= 0].to(device), y[y >= 0].to(device)) if (y >= 0).any() else None
 
 
 def save_atomic(obj, path):
@@ -170,12 +268,13 @@ def parse_args(argv):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {value}")
         else:
             kind = {int: int, float: float}.get(type(value), str)
-            if key in ("subset",):
+            if key in ("subset", "test_subset"):
                 kind = int
             if key == "blur":
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, help="default: off at 32 px, on above")
                 continue
-            p.add_argument(flag, type=kind, help=f"default {value}")
+            p.add_argument(flag, type=kind, help=f"default {value}",
+                           choices=("cosine", "constant") if key == "tau_schedule" else None)
     p.add_argument("--resume", nargs="?", const="latest",
                    help="a run directory or checkpoint to continue (no value: the newest run in runs/)")
     args = vars(p.parse_args(argv))
@@ -211,7 +310,7 @@ def main(argv=None):
     if resume:
         ckpt, path = load_checkpoint(resume)
         # The run's own recipe, except what was asked for now (e.g. --device, --epochs to extend it).
-        cfg = {**ckpt["config"], **explicit, "out": os.path.dirname(path)}
+        cfg = {**DEFAULTS, **ckpt["config"], **explicit, "out": os.path.dirname(path)}
     if cfg["batch_size"] < 2:
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
                          f"least 2 images per batch (the recipe uses 256)")
@@ -223,10 +322,10 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
 
     # Data: the whole training set on the device, as uint8 (augment.py makes the views there).
-    images, _ = data.load(cfg["data"], cfg["dataset"], "train", cfg["image_size"], cfg["subset"],
-                          cfg["seed"], cache=os.path.join(os.path.dirname(os.path.abspath(out)), ".cache"),
-                          workers=cfg["workers"])
-    images = images.to(device)
+    cache = os.path.join(os.path.dirname(os.path.abspath(out)), ".cache")
+    images, labels = data.load(cfg["data"], cfg["dataset"], "train", cfg["image_size"], cfg["subset"],
+                               cfg["seed"], cache=cache, workers=cfg["workers"])
+    images, labels = images.to(device), labels.to(device)            # labels: only the monitors see them
     steps_per_epoch = len(images) // cfg["batch_size"]
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} exceeds the {len(images)} training "
@@ -234,6 +333,8 @@ def main(argv=None):
     total_steps = cfg["epochs"] * steps_per_epoch
     warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
     peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
+    n_classes = int(labels.max()) + 1                                  # 0: no labels, no monitors
+    test = load_test_split(cfg, cache, device) if cfg["knn_every"] and n_classes else None
 
     aug = Augment(cfg["image_size"], blur=cfg["blur"])
     model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
@@ -242,12 +343,21 @@ def main(argv=None):
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
+    # The online probe: its own Linear and optimizer (SGD as solo-learn's classifier, which shares the
+    # backbone's lr schedule; ours keeps probe_lr constant), so it can never move the encoder.
+    probe, probe_optimizer = None, None
+    if n_classes:
+        probe = torch.nn.Linear(model.online.projector[0].in_features, n_classes).to(device)
+        probe_optimizer = torch.optim.SGD(probe.parameters(), lr=cfg["probe_lr"], momentum=0.9)
     step, perm = 0, None
     if ckpt:
         model.online.load_state_dict(ckpt["online"])
         model.target.load_state_dict(ckpt["target"])
         model.predictor.load_state_dict(ckpt["predictor"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if probe is not None and ckpt.get("probe") is not None:
+            probe.load_state_dict(ckpt["probe"])
+            probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
         step, perm = ckpt["step"], ckpt["perm"].to(device)
         set_rng_state(ckpt["rng"], device)
     forward = torch.compile(model) if cfg["compile"] else model
@@ -257,13 +367,36 @@ def main(argv=None):
     def checkpoint():
         save_atomic(dict(online=model.online.state_dict(), target=model.target.state_dict(),
                          predictor=model.predictor.state_dict(), optimizer=optimizer.state_dict(),
+                         probe=probe.state_dict() if n_classes else None,
+                         probe_optimizer=probe_optimizer.state_dict() if n_classes else None,
                          epoch=step // steps_per_epoch, step=step, perm=perm.cpu(),
                          rng=rng_state(device), config=cfg), os.path.join(out, "checkpoint.pt"))
         # The encoder alone, as a plain torchvision ResNet state_dict (README: "Use the encoder").
         save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
 
     log = open(os.path.join(out, "log.jsonl"), "a")
-    loss_sum, n_logged, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+    monitor, t_log, warned, shown = Monitor(device), time.perf_counter(), False, {}
+
+    def report(lr, tau, end_of_epoch):
+        """One log.jsonl line (the loop's only host syncs), the kNN check when due, the collapse warning."""
+        nonlocal t_log, warned
+        steps, dt = monitor.steps, time.perf_counter() - t_log
+        record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau,
+                      images_per_s=steps * cfg["batch_size"] / dt, **monitor.read(end_of_epoch))
+        epoch = step // steps_per_epoch
+        if test and end_of_epoch and not stop and (epoch % cfg["knn_every"] == 0 or step == total_steps):
+            record["knn_top1"] = knn_eval(model.online.encoder, images, labels, test, device)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        warning = collapse_warning(record["z_std_max"], cfg["collapse_z_std"], cfg["proj_dim"],
+                                   step - steps + 1, step)
+        if warning and not warned:
+            tqdm.write(warning)
+            warned = True
+        shown.update({k: f"{record[k]:.4f}" for k in ("loss", "z_std", "probe_top1", "knn_top1") if k in record})
+        bar.set_postfix(**shown, lr=f"{lr:.3g}", tau=f"{tau:.4f}")
+        t_log = time.perf_counter()
+
     bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True)
     model.train()
     # Ctrl-C finishes the step under way, saves, and exits; a second Ctrl-C stops at once (the
@@ -280,25 +413,20 @@ def main(argv=None):
         i = step % steps_per_epoch
         if i == 0 or perm is None:
             perm = torch.randperm(len(images), device=device)
-        lr = lr_at(step, total_steps, warmup_steps, peak_lr)           # Sec. 3.3
-        tau = tau_at(step, total_steps, cfg["tau_base"])                # Sec. 3.2
-        x = images[perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]]  # B x 3 x H x W uint8
+        lr = lr_at(step, total_steps, warmup_steps, peak_lr)           # Sec. 3.3, cosine lr
+        tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3
+        batch = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
+        x = images[batch]                                               # B x 3 x H x W uint8
         view1, view2 = aug(x)                                           # v ~ T(x), v' ~ T'(x)
-        loss, _, _ = byol_update(model, forward, optimizer, view1, view2, lr, tau)
+        loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
         step += 1
-        loss_sum += loss
-        n_logged += 1
+        # Monitors, outside Algorithm 1: the online probe on y1 and the collapse monitor on z1.
+        monitor.add(loss, z1, probe_update(probe, probe_optimizer, y1, labels[batch]) if n_classes else None)
         bar.update()
-        if step % cfg["log_every"] == 0 or step % steps_per_epoch == 0 or step == total_steps or stop:
-            dt, t_log = time.perf_counter() - t_log, time.perf_counter()
-            record = dict(epoch=step / steps_per_epoch, step=step, loss=loss_sum.item() / n_logged,
-                          lr=lr, tau=tau, images_per_s=n_logged * cfg["batch_size"] / dt)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}")
-            loss_sum.zero_()
-            n_logged = 0
-        if step % steps_per_epoch == 0 or step == total_steps or stop:
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if step % cfg["log_every"] == 0 or end_of_epoch or stop:
+            report(lr, tau, end_of_epoch)
+        if end_of_epoch or stop:
             checkpoint()
     bar.close()
     log.close()

@@ -31,7 +31,8 @@ def test_train_writes_checkpoint_encoder_and_log(trained):
     assert {"checkpoint.pt", "encoder.pt", "log.jsonl", "config.json"} <= set(os.listdir(trained))
     log = [json.loads(line) for line in open(os.path.join(trained, "log.jsonl"))]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
-    assert {"epoch", "step", "loss", "lr", "tau", "images_per_s"} <= log[0].keys()
+    assert {"epoch", "step", "loss", "lr", "tau", "images_per_s", "z_std"} <= log[0].keys()
+    assert "probe_top1" in log[1] and "knn_top1" in log[-1]      # every epoch; at the end
     assert all(0 <= r["loss"] <= 8 for r in log) and log[-1]["tau"] > log[0]["tau"]
     ckpt = torch.load(os.path.join(trained, "checkpoint.pt"), weights_only=False)
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["config"]["batch_size"] == 8
@@ -83,7 +84,7 @@ def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypat
     a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
     b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
     assert b["step"] == a["step"] == 8
-    for part in ("online", "target", "predictor"):
+    for part in ("online", "target", "predictor", "probe"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), f"{part}.{k} differs after resume"
     steps = [json.loads(line)["step"] for line in open(tmp_path / "stopped" / "log.jsonl")]

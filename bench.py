@@ -1,0 +1,370 @@
+"""How fast is this BYOL? Augmentation, the training step and both together, on one machine and data.
+
+    python bench.py --device cuda              # GPU: batch 256, bf16 autocast + channels_last as train.py
+    python bench.py --device cuda --compile    # adds the torch.compile'd step
+    python bench.py --device cpu               # CPU: batch 64 (a few minutes on 2 cores)
+    python bench.py --device cpu --quick       # every field in under 30 s, for tests and smoke runs
+
+It prints a table, then one JSON line (the last line of stdout) with the same numbers:
+
+1. Augmentation, views/s: augment.Augment on a uint8 batch on the device (2 views per image), against
+   the per-image torchvision.transforms.v2 pipeline on PIL images in a DataLoader with --workers
+   processes, built from the same augment.VIEWS / JITTER probabilities. On CPU, Augment runs on
+   --workers threads, so both sides use the same number of cores. PIL's resize always antialiases
+   (antialias=True); Augment's crop resize does not (as the paper's tf.image.resize).
+2. One BYOL training step, images/s: train.byol_update (two views through online and target, loss,
+   backward, LARS, EMA) on real augmented batches, median of --repeats timings of --steps steps each.
+   Variants (all fp32 "eager" ones disable autocast through a forward wrapper, since byol_update turns
+   bf16 autocast on whenever the views are on CUDA; cuDNN convolutions still use TF32 by default):
+     fp32           NCHW model and views, no autocast (on CPU: exactly train.py's step)
+     channels_last  channels_last model and views, no autocast
+     bf16           bf16 autocast + channels_last: train.py's step on CUDA (n/a on CPU)
+     compile        torch.compile(model) as forward, else as train.py on the device (with --compile)
+     joint_views    BYOL(joint_views=True): one 2N forward, BatchNorm statistics shared by the views;
+                    else as train.py on the device. The paper runs each view separately (the default).
+3. End to end, images/s: index a batch from the on-device uint8 set, aug(x), byol_update, as train.py's
+   loop does (without its probe and monitors), timed in turn with the bare step of the same variant and
+   model; data_path_overhead = 1 - end_to_end / bare step, the share of throughput the data path costs.
+4. FLOPs per image of one step (torch.utils.flop_counter, a multiply-add = 2 FLOPs), achieved TFLOP/s
+   per variant and, on CUDA, the fraction of the device's dense bf16 peak (--peak-tflops).
+5. Peak memory: torch.cuda.max_memory_allocated per variant on CUDA, the process's max RSS on CPU.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torchvision.transforms.v2 as v2
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import augment
+import data
+import train
+from models import BYOL
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = ("fp32", "channels_last", "bf16", "compile", "joint_views")
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; first match wins.
+PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "RTX A6000": 155, "4090": 165}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    p.add_argument("--batch-size", type=int, help="images per step; default 256 on cuda, 64 on cpu, 8 --quick")
+    p.add_argument("--arch", default=train.DEFAULTS["arch"], help="resnet18 | resnet50")
+    p.add_argument("--image-size", type=int, default=train.DEFAULTS["image_size"], help="px")
+    p.add_argument("--hidden-dim", type=int, default=train.DEFAULTS["hidden_dim"], help="projector/predictor width")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader processes for torchvision (and CPU threads for Augment)")
+    p.add_argument("--images", type=int, help="images loaded from --data; default 2048, 64 with --quick")
+    p.add_argument("--repeats", type=int, help="timed repeats, the median is reported; default 5 cuda, 3 cpu, 2 --quick")
+    p.add_argument("--steps", type=int, help="steps per timed repeat; default 20 cuda, 2 cpu, 1 --quick")
+    p.add_argument("--warmup", type=int, help="untimed steps first; default 5 cuda, 1 cpu")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
+    p.add_argument("--peak-tflops", type=float, help="device's dense bf16 peak; default by device name")
+    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg", "train"),
+                   help="an ImageFolder of real images (default: the shared CIFAR-10 JPEGs)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, no compile: every field in seconds")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.device != "cpu" and not cuda:
+        raise SystemExit(f"error: --device {args.device!r}: use cpu or cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu")
+
+    def pick(value, quick, gpu, cpu):  # an explicit flag wins, then --quick, then the device's default
+        return value if value is not None else quick if args.quick else gpu if cuda else cpu
+    args.batch_size = pick(args.batch_size, 8, 256, 64)
+    args.images = pick(args.images, 64, 2048, 2048)
+    args.repeats = pick(args.repeats, 2, 5, 3)
+    args.steps = pick(args.steps, 1, 20, 2)
+    args.warmup = pick(args.warmup, 1, 5, 1)
+    args.compile = args.compile and not args.quick
+    if args.batch_size < 2:
+        raise SystemExit("error: --batch-size must be at least 2 (BatchNorm needs 2 images per batch)")
+    return args
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def default_peak_tflops(name):
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def load_images(args):
+    """(uint8 N x 3 x S x S on the CPU, a line saying where they came from)."""
+    try:
+        images, _ = data.load(args.data, split="train", image_size=args.image_size, subset=args.images,
+                              cache=os.path.join(ROOT, "runs", ".cache"), workers=2)
+        return images, f"{len(images)} real images from {os.path.normpath(args.data)}"
+    except data.DataError as e:
+        print(f"warning: no real images ({str(e).splitlines()[0]}); using random uint8 images instead")
+        images = torch.randint(0, 256, (args.images, 3, args.image_size, args.image_size), dtype=torch.uint8)
+        return images, f"{len(images)} RANDOM uint8 images ({args.data} not usable)"
+
+
+def timed(fns, device, warmup, steps, repeats):
+    """Median seconds per call of each fn(i): warm-up calls, then `repeats` rounds that each time
+    `steps` calls of every fn in turn (interleaved, so that a change of load on a shared machine hits
+    them alike), with CUDA events on the GPU and perf_counter on the CPU."""
+    for fn in fns:
+        for i in range(warmup):
+            fn(i)
+    times = [[] for _ in fns]
+    for r in range(repeats):
+        for fn, t in zip(fns, times):
+            first = warmup + r * steps
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for i in range(first, first + steps):
+                    fn(i)
+                end.record()
+                end.synchronize()
+                t.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                for i in range(first, first + steps):
+                    fn(i)
+                t.append(time.perf_counter() - t0)
+    return [statistics.median(t) / steps for t in times]
+
+
+# ---- 1. augmentation ---------------------------------------------------------------------------
+
+def torchvision_view(recipe, image_size, blur, kernel_size):
+    """One view of the usual per-image pipeline on a PIL image, with augment.py's probabilities."""
+    ops = [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),  # PIL always antialiases
+           v2.RandomHorizontalFlip(recipe["flip"]),
+           v2.RandomApply([v2.ColorJitter(**augment.JITTER)], p=recipe["jitter"]),
+           v2.RandomGrayscale(recipe["gray"])]
+    if blur and recipe["blur"] > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel_size, augment.BLUR_SIGMA)], p=recipe["blur"]))
+    ops += [v2.RandomSolarize(128, p=recipe["solarize"]),  # uint8 pixels >= 128, i.e. >= 0.5 as Augment
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(augment.CIFAR10_MEAN, augment.CIFAR10_STD)]
+    return v2.Compose(ops)
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """PIL images -> (view1, view2) through the per-image torchvision pipeline."""
+
+    def __init__(self, images, transforms):
+        self.images, self.transforms = images, transforms
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return tuple(t(self.images[i]) for t in self.transforms)
+
+
+def bench_torchvision(images, aug, args):
+    """views/s of the DataLoader, median over epochs after one warm-up epoch (which starts the workers)."""
+    pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
+    transforms = [torchvision_view(augment.VIEWS[v], args.image_size, aug.blur, aug.kernel_size) for v in ("view1", "view2")]
+    loader = torch.utils.data.DataLoader(TwoViews(pil, transforms), batch_size=args.batch_size, shuffle=True,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0)
+    times = []
+    for epoch in range(1 + args.repeats):
+        t0 = time.perf_counter()
+        for view1, view2 in loader:
+            pass
+        times.append(time.perf_counter() - t0)
+    del loader
+    return 2 * len(pil) / statistics.median(times[1:])
+
+
+def bench_augment(images, aug, args, device):
+    """views/s of Augment on one batch on the device; on CPU with as many threads as --workers."""
+    x = images[:args.batch_size]
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, args.workers))
+    try:
+        seconds, = timed([lambda i: aug(x)], device, args.warmup, 10 * args.steps, args.repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * len(x) / seconds
+
+
+# ---- 2-4. the training step ----------------------------------------------------------------------
+
+def eager_fp32(forward, memory_format):
+    """forward with autocast off and the views in memory_format: byol_update turns on bf16 autocast
+    and channels_last views on CUDA, and this undoes both for the fp32 variants (no-op on CPU)."""
+    def run(view1, view2):
+        with torch.autocast(view1.device.type, enabled=False):
+            return forward(view1.contiguous(memory_format=memory_format), view2.contiguous(memory_format=memory_format))
+    return run
+
+
+def build(variant, args, device):
+    """(model, forward, optimizer) for one variant, fresh, as train.py builds them; see the docstring."""
+    cuda = device.type == "cuda"
+    model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"],
+                 joint_views=variant == "joint_views").to(device)
+    channels_last = variant == "channels_last" or (cuda and variant != "fp32")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if variant == "compile" else model
+    if variant in ("fp32", "channels_last") or not cuda:
+        forward = eager_fp32(forward, torch.channels_last if channels_last else torch.contiguous_format)
+    return model, forward, train.make_optimizer(model, train.DEFAULTS)
+
+
+def lr_tau(args):
+    """The recipe's peak lr and first tau: the values a step of train.py runs with."""
+    return train.DEFAULTS["base_lr"] * args.batch_size / 256, train.DEFAULTS["tau_base"]
+
+
+def bench_step(variant, views, args, device, images=None, aug=None):
+    """images/s of byol_update on pre-made augmented views and, given images and aug, of train.py's
+    loop body too (index a batch of the on-device set, aug(x), byol_update), the two timed in turn on
+    one model. Returns ([images/s, ...], peak CUDA memory in bytes or None)."""
+    model, forward, optimizer = build(variant, args, device)
+    lr, tau, B = *lr_tau(args), args.batch_size
+
+    def step(i):
+        train.byol_update(model, forward, optimizer, *views[i % len(views)], lr, tau)
+
+    def end_to_end(i):
+        j = i % (len(images) // B)
+        x = images[perm[j * B:(j + 1) * B]]  # B x 3 x H x W uint8
+        view1, view2 = aug(x)
+        train.byol_update(model, forward, optimizer, view1, view2, lr, tau)
+    fns = [step]
+    if images is not None:
+        perm = torch.randperm(len(images), device=device)
+        fns.append(end_to_end)
+    return [B / s for s in timed(fns, device, args.warmup, args.steps, args.repeats)], peak_memory(device)
+
+
+def count_flops(images, aug, args, device):
+    """FLOPs per image of one fp32 training step, counted on a small batch (matmuls and convolutions)."""
+    n = min(4, args.batch_size)
+    model, forward, optimizer = build("fp32", args, device)
+    view1, view2 = aug(images[:n])
+    with FlopCounterMode(display=False) as counter:
+        train.byol_update(model, forward, optimizer, view1, view2, *lr_tau(args))
+    return counter.get_total_flops() / n
+
+
+def peak_memory(device):
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def release(device):
+    """Frees the last variant's model; resets the CUDA peak for the next one."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    images_cpu, source = load_images(args)
+    if len(images_cpu) < args.batch_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(images_cpu)} images; raise --images")
+    images = images_cpu.to(device)
+    aug = augment.Augment(args.image_size)
+    name = device_name(device)
+    peak = args.peak_tflops or (default_peak_tflops(name) if cuda else None)
+
+    aug_views = bench_augment(images, aug, args, device)
+    tv_views = bench_torchvision(images_cpu, aug, args)
+
+    # A few distinct real augmented batches, cycled through by the step timings.
+    views = [aug(images[torch.randperm(len(images), device=device)[:args.batch_size]]) for _ in range(3)]
+    home = "bf16" if cuda else "fp32"  # the variant train.py runs on this device
+    step_ips, memory, e2e = {}, {}, None
+    for variant in VARIANTS:
+        if (variant == "bf16" and not cuda) or (variant == "compile" and not args.compile):
+            step_ips[variant] = memory[variant] = None
+            continue
+        release(device)
+        pair = (images, aug) if variant == home else ()  # train.py's own variant: its loop body too
+        ips, memory[variant] = bench_step(variant, views, args, device, *pair)
+        step_ips[variant] = ips[0]
+        if variant == home:
+            e2e = ips[1]
+        if variant == "compile":
+            torch._dynamo.reset()
+    release(device)
+    flops = count_flops(images, aug, args, device)
+
+    tflops = {v: None if ips is None else flops * ips / 1e12 for v, ips in step_ips.items()}
+    fraction = None if peak is None else {v: None if t is None else t / peak for v, t in tflops.items()}
+    result = dict(
+        device=device.type, device_name=name, torch_version=torch.__version__, arch=args.arch,
+        image_size=args.image_size, hidden_dim=args.hidden_dim, batch_size=args.batch_size, images=source,
+        quick=args.quick, workers=args.workers, aug_threads=max(1, args.workers) if not cuda else None,
+        aug_views_per_s=aug_views, torchvision_views_per_s=tv_views, aug_speedup=aug_views / tv_views,
+        torchvision_antialias=True, augment_antialias=False,
+        step_images_per_s=step_ips, end_to_end_variant=home, end_to_end_images_per_s=e2e,
+        data_path_overhead=1 - e2e / step_ips[home], flops_per_image=flops, tflops=tflops,
+        peak_tflops=peak, peak_fraction=fraction, peak_memory_bytes=memory if cuda else None,
+        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        seconds=time.perf_counter() - t_start,
+    )
+    print_table(result, args)
+    print(json.dumps(result))
+    return result
+
+
+def print_table(r, args):
+    num = lambda x, fmt="{:,.0f}": "n/a" if x is None else fmt.format(x)
+    threads = f"{r['aug_threads']} thread{'s' * (r['aug_threads'] != 1)}" if r["aug_threads"] else "GPU"
+    print(f"BYOL bench on {r['device_name']} ({r['device']}), torch {r['torch_version']}")
+    print(f"{r['arch']} at {r['image_size']} px, hidden {r['hidden_dim']}, batch {r['batch_size']}, "
+          f"median of {args.repeats} x {args.steps} steps after {args.warmup} warm-up; {r['images']}")
+    print(f"\n{'augmentation (2 views per image)':<48}{'views/s':>10}")
+    print(f"{f'  Augment, batched on {args.device} ({threads})':<48}{num(r['aug_views_per_s']):>10}")
+    print(f"{f'  torchvision v2 on PIL, {args.workers} DataLoader worker(s)':<48}{num(r['torchvision_views_per_s']):>10}")
+    print(f"  Augment is {r['aug_speedup']:.1f}x the per-image pipeline "
+          f"(torchvision's resize antialiases, Augment's does not)")
+    print(f"\n{'training step (byol_update)':<30}{'images/s':>10}{'TFLOP/s':>10}{'% peak':>9}{'peak mem':>11}")
+    for v in VARIANTS:
+        mem = (r["peak_memory_bytes"] or {}).get(v)
+        pct = r["peak_fraction"][v] * 100 if r["peak_fraction"] and r["peak_fraction"][v] is not None else None
+        skipped = "skipped (--compile)" if v == "compile" else "n/a on cpu"
+        if r["step_images_per_s"][v] is None:
+            print(f"  {v:<28}{skipped:>10}")
+            continue
+        print(f"  {v:<28}{num(r['step_images_per_s'][v]):>10}{num(r['tflops'][v], '{:.2f}'):>10}"
+              f"{num(pct, '{:.1f}'):>9}{num(mem and mem / 2**30, '{:.2f} GiB'):>11}")
+    print(f"\nend to end (index, aug, {r['end_to_end_variant']} step, as train.py): {num(r['end_to_end_images_per_s'])} "
+          f"images/s = {100 * (1 - r['data_path_overhead']):.0f}% of the bare step "
+          f"(the data path costs {100 * r['data_path_overhead']:.1f}%)")
+    print(f"FLOPs per image per step: {r['flops_per_image'] / 1e9:.2f} GFLOP; dense bf16 peak: "
+          f"{num(r['peak_tflops'], '{:.0f} TFLOP/s')}; max RSS {r['max_rss_bytes'] / 2**30:.2f} GiB; "
+          f"took {r['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("\nStopped.")

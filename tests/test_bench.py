@@ -1,0 +1,58 @@
+"""bench.py --quick as a user runs it: every field of its JSON line present and consistent, and the
+FLOPs it counts for one step matching what BYOL's step must cost. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from models import resnet
+from tests.conftest import CIFAR_JPG, ROOT
+
+
+@pytest.fixture(scope="module")
+def report():
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])  # the JSON is the last line of stdout
+
+
+def test_fields_are_present_and_consistent(report):
+    assert report["device"] == "cpu" and report["torch_version"] == torch.__version__
+    assert report["batch_size"] == 8 and report["quick"] and report["device_name"]
+    if os.path.isdir(CIFAR_JPG):
+        assert "real images" in report["images"], "fell back to random images although the JPEGs exist"
+    aug, tv = report["aug_views_per_s"], report["torchvision_views_per_s"]
+    assert aug > 0 and tv > 0
+    assert report["aug_speedup"] == pytest.approx(aug / tv)
+
+    steps = report["step_images_per_s"]
+    assert set(steps) == set(bench.VARIANTS)
+    assert steps["bf16"] is None and steps["compile"] is None  # no bf16 on CPU; --quick skips compile
+    assert all(steps[v] > 0 for v in ("fp32", "channels_last", "joint_views"))
+    e2e = report["end_to_end_images_per_s"]
+    assert report["end_to_end_variant"] == "fp32" and e2e > 0
+    assert report["data_path_overhead"] == pytest.approx(1 - e2e / steps["fp32"])
+
+    for v, ips in steps.items():
+        expected = None if ips is None else report["flops_per_image"] * ips / 1e12
+        assert report["tflops"][v] == pytest.approx(expected)
+    assert report["peak_fraction"] is None and report["peak_memory_bytes"] is None  # CPU
+    assert report["max_rss_bytes"] > 100 * 2**20, "RSS in KiB taken for bytes? torch alone takes more"
+
+
+def test_flops_per_image_are_one_full_byol_step(report):
+    """A step is, per image and view, the online network forward (1x) and backward (2x) plus the
+    target forward (1x): 4 encoder passes x 2 views = 8x the encoder's forward FLOPs (the MLPs add
+    under 1%). Counting only the forward (4x), one view (4x) or one pass (1x) falls outside."""
+    encoder, _ = resnet("resnet18", 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(torch.zeros(2, 3, 32, 32))
+    forward = counter.get_total_flops() / 2
+    assert 1.0e9 < forward < 1.3e9  # CIFAR ResNet-18: ~0.56 G multiply-adds per 32 px image
+    assert 7.5 * forward < report["flops_per_image"] < 8.5 * forward
