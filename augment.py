@@ -167,13 +167,13 @@ def color_jitter(x, p, brightness, contrast, saturation, hue):
     hue_step = (order == 3).int().argmax(1)          # N, the step at which hue comes
     one, zero = torch.ones_like(fb), torch.zeros_like(fb)
 
-    def blend_step(x, step, mask):
-        k = order[:, step]
+    def blend_step(x, step, mask):  # where mask is False (or the op is hue): a = 1, b = c = 0, y = x
+        k = torch.where(mask, order[:, step], 3)
         a = torch.where(k == 0, fb, torch.where(k == 1, fc, torch.where(k == 2, fs, one)))
         b, c = torch.where(k == 2, 1 - fs, zero), torch.where(k == 1, 1 - fc, zero)
         g = grayscale(x)
-        y = (_bcast(a) * x + _bcast(b) * g + _bcast(c) * g[:, :1].mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-        return _where(mask & (k != 3), y, x)
+        y = torch.addcmul(_bcast(c) * g[:, :1].mean((1, 2, 3), keepdim=True), _bcast(a), x)
+        return y.addcmul_(_bcast(b), g).clamp_(0, 1)
 
     for step in range(3):
         x = blend_step(x, step, apply & (step < hue_step))

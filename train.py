@@ -319,7 +319,6 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     out = cfg["out"] = cfg["out"] or os.path.join(
         "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.path.basename(os.path.normpath(cfg['data'])) if data.is_image_folder(cfg['data']) else cfg['dataset']}-{cfg['arch']}")
-    os.makedirs(out, exist_ok=True)
 
     # Data: the whole training set on the device, as uint8 (augment.py makes the views there).
     cache = os.path.join(os.path.dirname(os.path.abspath(out)), ".cache")
@@ -331,6 +330,7 @@ def main(argv=None):
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} exceeds the {len(images)} training "
                          f"images; lower it or use more data")
     total_steps = cfg["epochs"] * steps_per_epoch
+    os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves no empty run
     warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
     peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
     n_classes = int(labels.max()) + 1                                  # 0: no labels, no monitors
