@@ -128,27 +128,19 @@ def adjust_saturation(x, factor):
     return _blend(x, grayscale(x), factor)
 
 
-def _rgb_to_hsv(x):  # as torchvision (Pillow's algorithm), h in [0,1)
+def adjust_hue(x, factor):
+    """Shift each image's hue by factor (N,), a fraction of the circle in [-0.5, 0.5], as torchvision's
+    RGB -> HSV -> RGB. With v = max, chroma c = max - min (= v s) and 6h from Pillow's formula, the
+    round trip has a closed form: channel n becomes v - c clamp(min(k, 4 - k), 0, 1), where
+    k = (n + 6h + 6 factor) mod 6 and n = 5, 3, 1 for R, G, B. Grey pixels (c = 0) keep their value."""
     r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    delta = maxc - minc
-    eq = delta == 0
-    s = delta / torch.where(eq, torch.ones_like(maxc), maxc)
-    d = torch.where(eq, torch.ones_like(delta), delta)
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
-    h = torch.where(eq, torch.zeros_like(h), h)
-    return ((h / 6 + 1) % 1), s, maxc
-
-
-def _hsv_to_rgb(h, s, v):  # closed form: c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    n = 5 - 2 * torch.arange(3, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)  # 5, 3, 1
-    k = (n + 6 * h[:, None]) % 6
-    return v[:, None] - v[:, None] * s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def adjust_hue(x, factor):  # factor in [-0.5, 0.5], a shift of hue as a fraction of the circle
-    h, s, v = _rgb_to_hsv(x)
-    return _hsv_to_rgb((h + factor.view(-1, 1, 1)) % 1, s, v)
+    v = x.amax(1)                                                   # N x H x W
+    c = v - x.amin(1)
+    d = c.masked_fill(c == 0, 1.0)
+    h6 = torch.where(v == r, (g - b) / d, torch.where(v == g, 2 + (b - r) / d, 4 + (r - g) / d))  # 6h, in [-1, 5)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = (n + h6[:, None] + 6 * factor.view(-1, 1, 1, 1)) % 6       # N x 3 x H x W
+    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def color_jitter(x, p, brightness, contrast, saturation, hue):
