@@ -81,8 +81,9 @@ def sample_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     return torch.stack([torch.where(ok, v, f) for v, f in zip((top, left, h, w), fallback)], 1)
 
 
-def resized_crop(x, boxes, size):
-    """Crop each image to its (top, left, h, w) box and resize to size x size, bilinear, no antialias.
+def resized_crop(x, boxes, size, flip=None):
+    """Crop each image to its (top, left, h, w) box and resize to size x size, bilinear, no antialias;
+    then mirror the images where flip (N,) is True, by reading each row of the grid backwards.
 
     One grid_sample; equals v2.functional.resized_crop(..., antialias=False) (like tf.image.resize in
     the paper's code). Output pixel i samples top + (i + 0.5) * h / size - 0.5, clamped inside the
@@ -96,6 +97,8 @@ def resized_crop(x, boxes, size):
     ys = torch.minimum(torch.maximum(ys, top[:, None]), (top + h - 1)[:, None])
     xs = torch.minimum(torch.maximum(xs, left[:, None]), (left + w - 1)[:, None])
     gy, gx = (2 * ys + 1) / H - 1, (2 * xs + 1) / W - 1  # pixel -> grid_sample coords
+    if flip is not None:
+        gx = torch.where(flip[:, None], gx.flip(1), gx)
     grid = torch.stack([gx[:, None, :].expand(N, size, size), gy[:, :, None].expand(N, size, size)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -214,8 +217,7 @@ class Augment:
         x = to_float(images)
         N, _, H, W = x.shape
         boxes = sample_crop_boxes(N, H, W, self.scale, self.ratio, x.device)
-        x = resized_crop(x, boxes, self.image_size)
-        x = hflip(x, _coin(N, recipe["flip"], x.device))
+        x = resized_crop(x, boxes, self.image_size, flip=_coin(N, recipe["flip"], x.device))  # crop, flip
         x = color_jitter(x, recipe["jitter"], **JITTER)
         x = _where(_coin(N, recipe["gray"], x.device), grayscale(x), x)
         if self.blur and (torch.is_tensor(recipe["blur"]) or recipe["blur"] > 0):
@@ -240,8 +242,8 @@ def crop_flip(images, image_size, scale=(0.08, 1.0), mean=CIFAR10_MEAN, std=CIFA
     """The linear-evaluation training augmentation (Appendix C.1): random resized crop + flip."""
     x = to_float(images)
     N, _, H, W = x.shape
-    x = resized_crop(x, sample_crop_boxes(N, H, W, scale, device=x.device), image_size)
-    return normalize(hflip(x, _coin(N, 0.5, x.device)), mean, std)
+    boxes = sample_crop_boxes(N, H, W, scale, device=x.device)
+    return normalize(resized_crop(x, boxes, image_size, flip=_coin(N, 0.5, x.device)), mean, std)
 
 
 if __name__ == "__main__":

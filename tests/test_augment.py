@@ -81,6 +81,8 @@ def test_resized_crop_matches_torchvision(x, size):
     boxes[1] = torch.tensor([5, 7, 3, 20])  # extreme aspect, touches no border
     ref = torch.stack([TF.resized_crop(img, *b, [size, size], antialias=False) for img, b in zip(x, boxes.tolist())])
     torch.testing.assert_close(A.resized_crop(x, boxes, size), ref, atol=1e-5, rtol=0)
+    flip = torch.arange(len(x)) % 2 == 0  # mirrored inside the crop: the same as flipping its output
+    torch.testing.assert_close(A.resized_crop(x, boxes, size, flip), A.hflip(ref, flip), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
