@@ -105,10 +105,6 @@ def resized_crop(x, boxes, size, flip=None):
 
 # ---- per-image ops on float images in [0,1]; factors are (N,) tensors --------------------------
 
-def hflip(x, mask):
-    return _where(mask, x.flip(-1), x)
-
-
 def grayscale(x):  # ITU-R 601 luma weights as torchvision; 3 channels out
     r, g, b = x.unbind(1)
     return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None].expand_as(x)

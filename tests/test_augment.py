@@ -62,9 +62,10 @@ def test_grayscale_solarize_flip_match_torchvision(x):
     torch.testing.assert_close(A.solarize(x), TF.solarize(x, 0.5))
     edge = torch.full_like(x[:1], 0.25)  # the threshold itself is inverted
     torch.testing.assert_close(A.solarize(edge, 0.25), TF.solarize(edge, 0.25))
-    mask = torch.arange(len(x)) % 2 == 0
+    mask = torch.arange(len(x)) % 2 == 0  # the flip lives in resized_crop's grid; a whole-image box
     ref = torch.stack([TF.horizontal_flip(img) if m else img for img, m in zip(x, mask)])
-    assert torch.equal(A.hflip(x, mask), ref)
+    whole = torch.tensor([[0, 0, x.shape[-2], x.shape[-1]]]).expand(len(x), 4)
+    torch.testing.assert_close(A.resized_crop(x, whole, x.shape[-1], mask), ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 9])
@@ -82,7 +83,8 @@ def test_resized_crop_matches_torchvision(x, size):
     ref = torch.stack([TF.resized_crop(img, *b, [size, size], antialias=False) for img, b in zip(x, boxes.tolist())])
     torch.testing.assert_close(A.resized_crop(x, boxes, size), ref, atol=1e-5, rtol=0)
     flip = torch.arange(len(x)) % 2 == 0  # mirrored inside the crop: the same as flipping its output
-    torch.testing.assert_close(A.resized_crop(x, boxes, size, flip), A.hflip(ref, flip), atol=1e-5, rtol=0)
+    flipped = torch.where(flip[:, None, None, None], ref.flip(-1), ref)
+    torch.testing.assert_close(A.resized_crop(x, boxes, size, flip), flipped, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
