@@ -5,8 +5,7 @@ from torch's global RNG (so checkpoints can restore it), applied through masks a
 no Python loop over images and no host sync. Each op matches torchvision.transforms.v2.functional
 on the same parameters (tests/test_augment.py checks this).
 
-    python augment.py --show    # writes README.assets/views.png (needs matplotlib + the CIFAR jpgs)
-    python augment.py --bench   # CPU/GPU throughput of Augment(32)
+    python augment.py --show [--data DIR]   # README.assets/views.png (needs matplotlib); speed: bench.py
 """
 import math
 
@@ -242,29 +241,17 @@ def crop_flip(images, image_size, scale=(0.08, 1.0), mean=CIFAR10_MEAN, std=CIFA
     return normalize(resized_crop(x, boxes, image_size, flip=_coin(N, 0.5, x.device)), mean, std)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python augment.py --show [--data DIR]: README.assets/views.png
     import argparse
-    import time
     from pathlib import Path
 
-    ap = argparse.ArgumentParser()
+    import data
+
+    ap = argparse.ArgumentParser(description="Draw 8 training images and their two views.")
     ap.add_argument("--show", action="store_true", help="save README.assets/views.png")
-    ap.add_argument("--bench", action="store_true", help="views/s of Augment(32) on a 512-image batch")
-    ap.add_argument("--data", default=Path(__file__).resolve().parents[1] / "shared/data/cifar10-jpg/train")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", default=data.DEFAULT_ROOT, help="CIFAR-10 download folder or an ImageFolder")
     args = ap.parse_args()
-    aug = Augment(32)
-    if args.bench:
-        images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device=args.device)
-        aug(images)  # warm-up
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-        sync(), (t0 := time.perf_counter())
-        for _ in range(10):
-            aug(images)
-        sync()
-        print(f"{args.device}: {2 * 512 * 10 / (time.perf_counter() - t0):.0f} views/s")
     if args.show:  # three rows: 8 training images (fixed seed), their view1, their view2
-        import data
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -272,11 +259,11 @@ if __name__ == "__main__":
         except ImportError:
             raise SystemExit("error: --show needs matplotlib: pip install matplotlib")
         try:
-            images, _ = data.load(str(args.data), "cifar10", "train", 32, subset=8, seed=0, cache="runs/.cache")
+            images, _ = data.load(args.data, "cifar10", "train", 32, subset=8, seed=0, cache="runs/.cache")
         except data.DataError as e:
             raise SystemExit(f"error: {e}")
         torch.manual_seed(0)
-        v1, v2 = aug(images)
+        v1, v2 = Augment(32)(images)
         mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
         rows = [to_float(images), v1 * std + mean, v2 * std + mean]
         fig, axes = plt.subplots(3, len(images), figsize=(len(images), 3.3))
