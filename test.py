@@ -289,6 +289,8 @@ def main(argv=None):
             args.run = newest_run()
         encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here; use --device cpu")
     root, dataset = args.data or cfg.get("data", "data"), args.dataset or cfg.get("dataset", "cifar10")
     cache = os.path.join("runs", ".cache") if run_dir is None else os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     size = cfg["image_size"]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import data
 from augment import Augment
-from models import BYOL
+from models import ARCHS, BYOL
 from test import features, knn_accuracy
 
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +57,7 @@ DEFAULTS = dict(
     out=None,              # run directory; default runs/<time>-<dataset>-<arch>
 )
 # ----------------------------------------------------------------------------------------------
+CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, optimizer=("lars", "sgd"), tau_schedule=("cosine", "constant"))
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
@@ -273,8 +274,7 @@ def parse_args(argv):
             if key == "blur":
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, help="default: off at 32 px, on above")
                 continue
-            p.add_argument(flag, type=kind, help=f"default {value}",
-                           choices=("cosine", "constant") if key == "tau_schedule" else None)
+            p.add_argument(flag, type=kind, help=f"default {value}", choices=CHOICES.get(key))
     p.add_argument("--resume", nargs="?", const="latest",
                    help="a run directory or checkpoint to continue (no value: the newest run in runs/)")
     args = vars(p.parse_args(argv))
@@ -310,15 +310,17 @@ def main(argv=None):
     if resume:
         ckpt, path = load_checkpoint(resume)
         # The run's own recipe, except what was asked for now (e.g. --device, --epochs to extend it).
-        cfg = {**DEFAULTS, **ckpt["config"], **explicit, "out": os.path.dirname(path)}
+        cfg = {**DEFAULTS, **ckpt["config"], "device": None, **explicit, "out": os.path.dirname(path)}
     if cfg["batch_size"] < 2:
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
                          f"least 2 images per batch (the recipe uses 256)")
     device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here; use --device cpu")
     cfg["device"] = str(device)
     torch.manual_seed(cfg["seed"])
-    out = cfg["out"] = cfg["out"] or os.path.join(
-        "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.path.basename(os.path.normpath(cfg['data'])) if data.is_image_folder(cfg['data']) else cfg['dataset']}-{cfg['arch']}")
+    source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) else cfg["dataset"]
+    out = cfg["out"] = cfg["out"] or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
 
     # Data: the whole training set on the device, as uint8 (augment.py makes the views there).
     cache = os.path.join(os.path.dirname(os.path.abspath(out)), ".cache")
