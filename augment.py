@@ -156,14 +156,17 @@ def color_jitter(x, p, brightness, contrast, saturation, hue):
     apply = _coin(N, p, dev)
     hue_step = (order == 3).int().argmax(1)          # N, the step at which hue comes
     one, zero = torch.ones_like(fb), torch.zeros_like(fb)
+    # y = a x + b gray(x) + c mean(gray(x)): row k holds op k's (a, b, c); op 3 (hue) is the identity here
+    coef = torch.stack([torch.stack([fb, zero, zero], 1), torch.stack([fc, zero, 1 - fc], 1),
+                        torch.stack([fs, 1 - fs, zero], 1), torch.stack([one, zero, zero], 1)], 1)  # Nx4x3
 
-    def blend_step(x, step, mask):  # where mask is False (or the op is hue): a = 1, b = c = 0, y = x
+    def blend_step(x, step, mask):  # where mask is False: op 3, the identity
         k = torch.where(mask, order[:, step], 3)
-        a = torch.where(k == 0, fb, torch.where(k == 1, fc, torch.where(k == 2, fs, one)))
-        b, c = torch.where(k == 2, 1 - fs, zero), torch.where(k == 1, 1 - fc, zero)
+        a, b, c = coef[torch.arange(N, device=dev), k].unbind(1)  # N each
         g = grayscale(x)
-        y = torch.addcmul(_bcast(c) * g[:, :1].mean((1, 2, 3), keepdim=True), _bcast(a), x)
-        return y.addcmul_(_bcast(b), g).clamp_(0, 1)
+        y = x * _bcast(a)
+        y.addcmul_(_bcast(b), g).add_(_bcast(c) * g[:, :1].mean((1, 2, 3), keepdim=True))
+        return y.clamp_(0, 1)
 
     for step in range(3):
         x = blend_step(x, step, apply & (step < hue_step))
