@@ -211,7 +211,8 @@ class Augment:
         self._recipes = {}
 
     def view(self, images, recipe):
-        """One view given a VIEWS entry (probabilities of each op), normalised float32."""
+        """One view given a recipe of op probabilities: a VIEWS entry, or per-image (N,) tensors of
+        them (as __call__ passes). Returns normalised float32."""
         x = to_float(images)
         N, _, H, W = x.shape
         boxes = sample_crop_boxes(N, H, W, self.scale, self.ratio, x.device)
