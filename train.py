@@ -100,18 +100,19 @@ class LARS(torch.optim.Optimizer):
             w = [p for p in group["params"] if p.grad is not None]
             if not w:
                 continue
-            u = [p.grad for p in w]
-            if group["lars"]:
-                u = torch._foreach_add(u, w, alpha=group["weight_decay"])
-                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
-                trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
-                u = torch._foreach_mul(u, list(trust.unbind()))
             for p in w:
                 if "v" not in self.state[p]:
                     self.state[p]["v"] = torch.zeros_like(p)
             v = [self.state[p]["v"] for p in w]
+            u = [p.grad for p in w]
             torch._foreach_mul_(v, group["momentum"])
-            torch._foreach_add_(v, u)
+            if group["lars"]:
+                u = torch._foreach_add(u, w, alpha=group["weight_decay"])
+                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
+                torch._foreach_addcmul_(v, u, list(trust.unbind()))  # v <- m v + trust u, trust on the device
+            else:
+                torch._foreach_add_(v, u)
             torch._foreach_add_(w, v, alpha=-group["lr"])
 
 

@@ -93,9 +93,12 @@ def test_lars_step_matches_formula():
     trust = 0.02 * w0.norm() / u.norm()
     torch.testing.assert_close(w.detach(), w0 - 0.5 * trust * u)
     torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # excluded: no decay, no trust ratio
-    b.grad = gb.clone()
-    opt.step()  # momentum: v = 0.9 * gb + gb
+    w1, gw2 = w.detach().clone(), torch.randn(8, 4)
+    b.grad, w.grad = gb.clone(), gw2.clone()
+    opt.step()  # momentum: v = 0.9 * gb + gb; v = 0.9 * trust u + trust2 u2 with the new trust ratio
     torch.testing.assert_close(b.detach(), b0 - 0.5 * gb - 0.5 * 1.9 * gb)
+    u2 = gw2 + 0.1 * w1
+    torch.testing.assert_close(w.detach(), w1 - 0.5 * (0.9 * trust * u + 0.02 * w1.norm() / u2.norm() * u2))
 
 
 def test_encoder_is_a_plain_torchvision_resnet():
