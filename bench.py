@@ -24,7 +24,10 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
                     else as train.py on the device. The paper runs each view separately (the default).
 3. End to end, images/s: index a batch from the on-device uint8 set, aug(x), byol_update, as train.py's
    loop does (without its probe and monitors), timed in turn with the bare step of the same variant and
-   model; data_path_overhead = 1 - end_to_end / bare step, the share of throughput the data path costs.
+   model; data_path_overhead = 1 - bare step time / end-to-end time, the share of each step's time that
+   the data path costs: the median over repeats of the two timed back to back. The data path is also
+   timed alone (data_path_ms_per_batch); data_path_share_alone is its share of data path + bare step,
+   which on the CPU, where nothing overlaps, resolves what the noise of a whole step hides.
 4. FLOPs per image of one step (torch.utils.flop_counter, a multiply-add = 2 FLOPs), achieved TFLOP/s
    per variant and, on CUDA, the fraction of the device's dense bf16 peak (--peak-tflops).
 5. Peak memory: torch.cuda.max_memory_allocated per variant on CUDA, the process's max RSS on CPU.
@@ -119,15 +122,17 @@ def load_images(args):
 
 
 def timed(fns, device, warmup, steps, repeats):
-    """Median seconds per call of each fn(i): warm-up calls, then `repeats` rounds that each time
-    `steps` calls of every fn in turn (interleaved, so that a change of load on a shared machine hits
-    them alike), with CUDA events on the GPU and perf_counter on the CPU."""
+    """Seconds per call of each fn(i), one list per fn with one entry per repeat: warm-up calls, then
+    `repeats` rounds that each time `steps` calls of every fn in turn (interleaved, in the reverse order
+    every other round, so that a change of load on a shared machine hits them alike), with CUDA events
+    on the GPU and perf_counter on the CPU."""
     for fn in fns:
         for i in range(warmup):
             fn(i)
     times = [[] for _ in fns]
     for r in range(repeats):
-        for fn, t in zip(fns, times):
+        turn = list(zip(fns, times))
+        for fn, t in (turn if r % 2 == 0 else turn[::-1]):
             first = warmup + r * steps
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -137,13 +142,13 @@ def timed(fns, device, warmup, steps, repeats):
                     fn(i)
                 end.record()
                 end.synchronize()
-                t.append(start.elapsed_time(end) / 1e3)
+                t.append(start.elapsed_time(end) / 1e3 / steps)
             else:
                 t0 = time.perf_counter()
                 for i in range(first, first + steps):
                     fn(i)
-                t.append(time.perf_counter() - t0)
-    return [statistics.median(t) / steps for t in times]
+                t.append((time.perf_counter() - t0) / steps)
+    return times
 
 
 # ---- 1. augmentation ---------------------------------------------------------------------------
@@ -200,7 +205,7 @@ def bench_augment(images, aug, args, device):
         seconds, = timed([lambda i: aug(x)], device, args.warmup, 10 * args.steps, args.repeats)
     finally:
         torch.set_num_threads(threads)
-    return 2 * len(x) / seconds
+    return 2 * len(x) / statistics.median(seconds)
 
 
 # ---- 2-4. the training step ----------------------------------------------------------------------
@@ -236,7 +241,10 @@ def lr_tau(args):
 def bench_step(variant, views, args, device, images=None, aug=None):
     """images/s of byol_update on pre-made augmented views and, given images and aug, of train.py's
     loop body too (index a batch of the on-device set, aug(x), byol_update), the two timed in turn on
-    one model. Returns ([images/s, ...], peak CUDA memory in bytes or None)."""
+    one model. Returns (step images/s, end-to-end images/s or None, the data path's share of each
+    step's time per repeat or None, peak CUDA memory in bytes or None). A share is 1 - step time /
+    end-to-end time of one pair timed back to back; their median is steadier than a ratio of the two
+    medians on a noisy machine."""
     model, forward, optimizer = build(variant, args, device)
     lr, tau, B = *lr_tau(args), args.batch_size
 
@@ -248,11 +256,25 @@ def bench_step(variant, views, args, device, images=None, aug=None):
         x = images[perm[j * B:(j + 1) * B]]  # B x 3 x H x W uint8
         view1, view2 = aug(x)
         train.byol_update(model, forward, optimizer, view1, view2, lr, tau)
-    fns = [step]
-    if images is not None:
-        perm = torch.randperm(len(images), device=device)
-        fns.append(end_to_end)
-    return [B / s for s in timed(fns, device, args.warmup, args.steps, args.repeats)], peak_memory(device)
+    if images is None:
+        t_step, = timed([step], device, args.warmup, args.steps, args.repeats)
+        return B / statistics.median(t_step), None, None, peak_memory(device)
+    perm = torch.randperm(len(images), device=device)
+    t_step, t_e2e = timed([step, end_to_end], device, args.warmup, args.steps, args.repeats)
+    shares = [1 - s / e for s, e in zip(t_step, t_e2e)]
+    return B / statistics.median(t_step), B / statistics.median(t_e2e), shares, peak_memory(device)
+
+
+def bench_data_path(images, aug, args, device):
+    """Seconds per batch of train.py's data path alone (index a batch of the on-device set, aug(x)),
+    with the threads train.py has: with the step's time, the data path's share when nothing overlaps."""
+    perm, B = torch.randperm(len(images), device=device), args.batch_size
+
+    def data_path(i):
+        j = i % (len(images) // B)
+        return aug(images[perm[j * B:(j + 1) * B]])
+    seconds, = timed([data_path], device, args.warmup, 10 * args.steps, args.repeats)
+    return statistics.median(seconds)
 
 
 def count_flops(images, aug, args, device):
@@ -299,20 +321,20 @@ def main(argv=None):
     # A few distinct real augmented batches, cycled through by the step timings.
     views = [aug(images[torch.randperm(len(images), device=device)[:args.batch_size]]) for _ in range(3)]
     home = "bf16" if cuda else "fp32"  # the variant train.py runs on this device
-    step_ips, memory, e2e = {}, {}, None
+    step_ips, memory, e2e, shares = {}, {}, None, None
     for variant in VARIANTS:
         if (variant == "bf16" and not cuda) or (variant == "compile" and not args.compile):
             step_ips[variant] = memory[variant] = None
             continue
         release(device)
         pair = (images, aug) if variant == home else ()  # train.py's own variant: its loop body too
-        ips, memory[variant] = bench_step(variant, views, args, device, *pair)
-        step_ips[variant] = ips[0]
+        step_ips[variant], ips, per_repeat, memory[variant] = bench_step(variant, views, args, device, *pair)
         if variant == home:
-            e2e = ips[1]
+            e2e, shares = ips, per_repeat
         if variant == "compile":
             torch._dynamo.reset()
     release(device)
+    data_s = bench_data_path(images, aug, args, device)
     flops = count_flops(images, aug, args, device)
 
     tflops = {v: None if ips is None else flops * ips / 1e12 for v, ips in step_ips.items()}
@@ -324,7 +346,9 @@ def main(argv=None):
         aug_views_per_s=aug_views, torchvision_views_per_s=tv_views, aug_speedup=aug_views / tv_views,
         torchvision_antialias=True, augment_antialias=False,
         step_images_per_s=step_ips, end_to_end_variant=home, end_to_end_images_per_s=e2e,
-        data_path_overhead=1 - e2e / step_ips[home], flops_per_image=flops, tflops=tflops,
+        data_path_overhead=statistics.median(shares),
+        data_path_overhead_repeats=shares, data_path_ms_per_batch=1e3 * data_s,
+        data_path_share_alone=data_s / (data_s + args.batch_size / step_ips[home]), flops_per_image=flops, tflops=tflops,
         peak_tflops=peak, peak_fraction=fraction, peak_memory_bytes=memory if cuda else None,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         seconds=time.perf_counter() - t_start,
@@ -356,8 +380,10 @@ def print_table(r, args):
         print(f"  {v:<28}{num(r['step_images_per_s'][v]):>10}{num(r['tflops'][v], '{:.2f}'):>10}"
               f"{num(pct, '{:.1f}'):>9}{num(mem and mem / 2**30, '{:.2f} GiB'):>11}")
     print(f"\nend to end (index, aug, {r['end_to_end_variant']} step, as train.py): {num(r['end_to_end_images_per_s'])} "
-          f"images/s = {100 * (1 - r['data_path_overhead']):.0f}% of the bare step "
-          f"(the data path costs {100 * r['data_path_overhead']:.1f}%)")
+          f"images/s; the data path costs {100 * r['data_path_overhead']:.1f}% of each step's time "
+          f"(median of {args.repeats} back-to-back pairs)")
+    print(f"data path alone (index, aug): {r['data_path_ms_per_batch']:.1f} ms per batch, "
+          f"{100 * r['data_path_share_alone']:.1f}% of data path + {r['end_to_end_variant']} step")
     print(f"FLOPs per image per step: {r['flops_per_image'] / 1e9:.2f} GFLOP; dense bf16 peak: "
           f"{num(r['peak_tflops'], '{:.0f} TFLOP/s')}; max RSS {r['max_rss_bytes'] / 2**30:.2f} GiB; "
           f"took {r['seconds']:.0f} s")
