@@ -121,3 +121,25 @@ def test_batch_size_too_small_for_batchnorm(image_root):
 def test_encoder_of_another_architecture_is_a_clear_error(trained, image_root):
     r = run("test.py", trained, "--arch", "resnet50", "--data", str(image_root), "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "resnet50" in r.stderr
+
+
+def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
+    """The loop reads tensors on the host only at logging intervals (and at the epoch's end): the same
+    data as 3 steps of 16 and as 6 steps of 8, logged once, must read the same number of values. A
+    .item(), float(t) or `if t:` added to every step would read 3 more in the second run."""
+    reads = []
+    for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for batch in (16, 8):
+        reads.clear()
+        train.main(["--data", str(image_root / "train"), "--subset", "48", "--epochs", "1", "--batch-size", str(batch),
+                    "--hidden-dim", "32", "--proj-dim", "16", "--log-every", "100", "--device", "cpu",
+                    "--out", str(tmp_path / f"b{batch}")])
+        counts.append(len(reads))
+    assert counts[0] == counts[1] and counts[0] > 0  # > 0: the counter saw the logging's reads
