@@ -9,19 +9,24 @@ import torchvision
 from loss import byol_loss
 
 ARCHS = ("resnet18", "resnet50")
+STEMS = ("cifar", "imagenet")
 
 
-def resnet(arch="resnet18", image_size=32):
+def resnet(arch="resnet18", image_size=32, stem=None):
     """The encoder f: a torchvision ResNet with fc = Identity, so f(x) is the pooled representation y.
 
-    Images of 64 px or less get the CIFAR stem used by every public CIFAR recipe (a 3x3 stride-1
-    conv1 and no max-pool): the ImageNet stem would shrink a 32 px image to 8 px before layer1.
+    stem None picks by size: images of 64 px or less get the CIFAR stem used by every public CIFAR
+    recipe (a 3x3 stride-1 conv1 and no max-pool), larger ones torchvision's ImageNet stem (7x7/2 conv
+    and max-pool). stem="imagenet" at 32 px shrinks the image to 8 px before layer1: 8x fewer FLOPs,
+    the CPU proxy of the README's laptop run (it then loads into a plain torchvision resnet18).
     Returns the network and the width of y (512 for ResNet-18, 2048 for ResNet-50, Sec. 3.3).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if stem not in (None, *STEMS):
+        raise ValueError(f"unknown --stem {stem!r}; choose one of {', '.join(STEMS)}")
     net = getattr(torchvision.models, arch)(weights=None)
-    if image_size <= 64:
+    if stem == "cifar" or (stem is None and image_size <= 64):
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     dim = net.fc.in_features
@@ -53,9 +58,9 @@ class BYOL(nn.Module):
     """
 
     def __init__(self, arch="resnet18", image_size=32, hidden_dim=4096, proj_dim=256,
-                 predictor=True, joint_views=False):
+                 predictor=True, joint_views=False, stem=None):
         super().__init__()
-        encoder, dim = resnet(arch, image_size)
+        encoder, dim = resnet(arch, image_size, stem)
         self.online = nn.Sequential(OrderedDict(
             encoder=encoder, projector=mlp(dim, hidden_dim, proj_dim)))
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim) if predictor else nn.Identity()

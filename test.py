@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 from augment import crop_flip, normalize
-from models import ARCHS, resnet
+from models import ARCHS, STEMS, resnet
 
 # Published CIFAR-10 results of BYOL with a ResNet-18 (the paper reports ImageNet only), for the
 # comparison printed after a CIFAR-10 resnet18 evaluation: (value, what and where).
@@ -34,7 +34,7 @@ PUBLISHED = {
 }
 
 
-def load_encoder(path, arch=None, image_size=None):
+def load_encoder(path, arch=None, image_size=None, stem=None):
     """Loads runs/<name>/encoder.pt (or the online encoder of checkpoint.pt) strictly: every key of
     the expected torchvision ResNet, and nothing else. Returns (encoder, config)."""
     run_dir = path if os.path.isdir(path) else os.path.dirname(path)
@@ -55,14 +55,16 @@ def load_encoder(path, arch=None, image_size=None):
         state = {k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")}
     arch = arch or cfg.get("arch", "resnet18")
     image_size = image_size or cfg.get("image_size", 32)
-    encoder, _ = resnet(arch, image_size)
+    stem = stem or cfg.get("stem")
+    encoder, _ = resnet(arch, image_size, stem)
     try:
         encoder.load_state_dict(state, strict=True)
     except (RuntimeError, AttributeError) as e:
-        raise SystemExit(f"error: {path} does not hold a {arch} encoder for {image_size} px images "
-                         f"(choose --arch from {', '.join(ARCHS)} and --image-size to match the run).\n"
+        raise SystemExit(f"error: {path} does not hold a {arch} encoder for {image_size} px images with the "
+                         f"{stem or 'default'} stem (choose --arch from {', '.join(ARCHS)}, --image-size and "
+                         f"--stem to match the run).\n"
                          f"{str(e).splitlines()[0][:300]}")
-    return encoder, {**cfg, "arch": arch, "image_size": image_size}, run_dir
+    return encoder, {**cfg, "arch": arch, "image_size": image_size, "stem": stem}, run_dir
 
 
 @torch.no_grad()
@@ -254,6 +256,7 @@ def main(argv=None):
     p.add_argument("--dataset", help="cifar10 | cifar100 | stl10 (default: the run's own)")
     p.add_argument("--arch", choices=ARCHS, help="default: the run's own")
     p.add_argument("--image-size", type=int, help="default: the run's own")
+    p.add_argument("--stem", choices=STEMS, help="default: the run's own (cifar at <= 64 px, else imagenet)")
     p.add_argument("--subset", type=int, help="use a fixed random subset of this many training images")
     p.add_argument("--test-subset", type=int, help="and of this many test images")
     p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs (default 100)")
@@ -281,13 +284,13 @@ def main(argv=None):
         raise SystemExit(f"error: --labels {args.labels} is a fraction of the training labels: 0.01 or 0.1")
     torch.manual_seed(args.seed)
     if args.random_init:
-        cfg = dict(arch=args.arch or "resnet18", image_size=args.image_size or 32)
-        encoder, run_dir, args.run = resnet(cfg["arch"], cfg["image_size"])[0], None, "random-init"
+        cfg = dict(arch=args.arch or "resnet18", image_size=args.image_size or 32, stem=args.stem)
+        encoder, run_dir, args.run = resnet(cfg["arch"], cfg["image_size"], cfg["stem"])[0], None, "random-init"
     else:
         if args.run is None:
             from train import newest_run
             args.run = newest_run()
-        encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size)
+        encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size, args.stem)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here; use --device cpu")
@@ -304,7 +307,7 @@ def main(argv=None):
     encoder = encoder.to(device)
     frozen = {k: v.clone() for k, v in encoder.state_dict().items()}
     encoder.requires_grad_(False)
-    print(f"Evaluating {args.run} ({cfg['arch']}, {size} px) on {len(train_x)} train / {len(test_x)} test images")
+    print(f"Evaluating {args.run} ({cfg['arch']}{', ImageNet stem' if cfg.get('stem') == 'imagenet' else ''}, {size} px) on {len(train_x)} train / {len(test_x)} test images")
     f_train, f_test = features(encoder, train_x, device), features(encoder, test_x, device)
     knn = knn_accuracy(f_train, train_y, f_test, test_y, k=args.k)
     classify = train_linear(encoder, train_x if args.augment else f_train, train_y, n_classes, device,
@@ -331,7 +334,8 @@ def main(argv=None):
     if args.labels is not None:
         print(f"fine-tuned on {100 * args.labels:g}% of the labels ({len(keep)} images): "
               f"top-1 {100 * semi_top1:.2f}%  top-5 {100 * semi_top5:.2f}%")
-    if dataset == "cifar10" and cfg["arch"] == "resnet18" and n_classes == 10 and size == 32:
+    if dataset == "cifar10" and cfg["arch"] == "resnet18" and cfg.get("stem") != "imagenet" and n_classes == 10 \
+            and size == 32:
         compare(result, run_dir)
     print(json.dumps(result))
     return result

@@ -123,6 +123,23 @@ def test_encoder_of_another_architecture_is_a_clear_error(trained, image_root):
     assert r.returncode != 0 and "Traceback" not in r.stderr and "resnet50" in r.stderr
 
 
+def test_imagenet_stem_run_trains_saves_and_evaluates(image_root, tmp_path):
+    """--stem imagenet goes into config.json; encoder.pt loads into a plain torchvision resnet18, and
+    test.py rebuilds the same stem from the run (a CIFAR-stem encoder would not load), and refuses
+    --stem cifar with a clear error."""
+    out = str(tmp_path / "proxy")
+    train.main(["--data", str(image_root / "train"), "--subset", "16", "--epochs", "1", "--stem", "imagenet",
+                "--knn-every", "0", "--out", out, *TINY])
+    assert json.load(open(os.path.join(out, "config.json")))["stem"] == "imagenet"
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(torch.load(os.path.join(out, "encoder.pt")), strict=True)
+    result = evaluate.main([out, "--data", str(image_root), "--epochs", "1", "--device", "cpu"])
+    assert 0 <= result["knn_top1"] <= 1
+    r = run("test.py", out, "--stem", "cifar", "--data", str(image_root), "--device", "cpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "stem" in r.stderr
+
+
 def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
     """The loop reads tensors on the host only at logging intervals (and at the epoch's end): the same
     data as 3 steps of 16 and as 6 steps of 8, logged once, must read the same number of values. A

@@ -110,3 +110,18 @@ def test_encoder_is_a_plain_torchvision_resnet():
     net.load_state_dict(encoder.state_dict(), strict=True)
     assert dim == 512 and net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
     assert resnet("resnet18", 96)[0].conv1.kernel_size == (7, 7)  # ImageNet stem above 64 px
+
+
+def test_imagenet_stem_at_32px_is_plain_torchvision_resnet18():
+    """--stem imagenet (the CPU proxy): a 32 px image goes through torchvision's own 7x7/2 conv and
+    max-pool, so the encoder loads strictly into resnet18() with only fc replaced."""
+    encoder, dim = resnet("resnet18", 32, stem="imagenet")
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(encoder.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    net.eval(), encoder.eval()
+    torch.testing.assert_close(encoder(x), net(x))
+    assert isinstance(encoder.maxpool, torch.nn.MaxPool2d) and encoder.conv1.stride == (2, 2)
+    with pytest.raises(ValueError, match="stem"):
+        resnet("resnet18", 32, stem="tiny")
