@@ -273,6 +273,7 @@ if __name__ == "__main__":  # python augment.py --show [--data DIR]: README.asse
     from pathlib import Path
 
     import data
+    from runs import cache_dir
 
     ap = argparse.ArgumentParser(description="Draw 8 training images and their two views.")
     ap.add_argument("--show", action="store_true", help="save README.assets/views.png")
@@ -286,7 +287,7 @@ if __name__ == "__main__":  # python augment.py --show [--data DIR]: README.asse
         except ImportError:
             raise SystemExit("error: --show needs matplotlib: pip install matplotlib")
         try:
-            images, _ = data.load(args.data, "cifar10", "train", 32, subset=8, seed=0, cache="runs/.cache")
+            images, _ = data.load(args.data, "cifar10", "train", 32, subset=8, seed=0, cache=cache_dir())
         except data.DataError as e:
             raise SystemExit(f"error: {e}")
         torch.manual_seed(0)

@@ -14,8 +14,8 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
    (antialias=True); Augment's crop resize does not (as the paper's tf.image.resize).
 2. One BYOL training step, images/s: train.byol_update (two views through online and target, loss,
    backward, LARS, EMA) on real augmented batches, median of --repeats timings of --steps steps each.
-   Variants (all fp32 "eager" ones disable autocast through a forward wrapper, since byol_update turns
-   bf16 autocast on whenever the views are on CUDA; cuDNN convolutions still use TF32 by default):
+   Variants (each built by models.prepare, as train.py builds its model; cuDNN convolutions still use
+   TF32 by default in the fp32 ones):
      fp32           NCHW model and views, no autocast (on CPU: exactly train.py's step)
      channels_last  channels_last model and views, no autocast
      bf16           bf16 autocast + channels_last: train.py's step on CUDA (n/a on CPU)
@@ -49,7 +49,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import augment
 import data
 import train
-from models import BYOL
+from models import BYOL, prepare
+from runs import cache_dir, pick_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("fp32", "channels_last", "bf16", "compile", "joint_views")
@@ -59,7 +60,7 @@ PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "RT
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, help="images per step; default 256 on cuda, 64 on cpu, 8 --quick")
     p.add_argument("--arch", default=train.DEFAULTS["arch"], help="resnet18 | resnet50")
     p.add_argument("--image-size", type=int, default=train.DEFAULTS["image_size"], help="px")
@@ -75,11 +76,10 @@ def parse_args(argv=None):
                    help="an ImageFolder of real images (default: the shared CIFAR-10 JPEGs)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, no compile: every field in seconds")
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    if args.device != "cpu" and not cuda:
+    if args.device and args.device != "cpu" and not args.device.startswith("cuda"):
         raise SystemExit(f"error: --device {args.device!r}: use cpu or cuda")
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu")
+    args.device = str(pick_device(args.device))
+    cuda = args.device.startswith("cuda")
 
     def pick(value, quick, gpu, cpu):  # an explicit flag wins, then --quick, then the device's default
         return value if value is not None else quick if args.quick else gpu if cuda else cpu
@@ -113,7 +113,7 @@ def load_images(args):
     """(uint8 N x 3 x S x S on the CPU, a line saying where they came from)."""
     try:
         images, _ = data.load(args.data, split="train", image_size=args.image_size, subset=args.images,
-                              cache=os.path.join(ROOT, "runs", ".cache"), workers=2)
+                              cache=cache_dir(), workers=2)
         return images, f"{len(images)} real images from {os.path.normpath(args.data)}"
     except data.DataError as e:
         print(f"warning: no real images ({str(e).splitlines()[0]}); using random uint8 images instead")
@@ -210,26 +210,15 @@ def bench_augment(images, aug, args, device):
 
 # ---- 2-4. the training step ----------------------------------------------------------------------
 
-def eager_fp32(forward, memory_format):
-    """forward with autocast off and the views in memory_format: byol_update turns on bf16 autocast
-    and channels_last views on CUDA, and this undoes both for the fp32 variants (no-op on CPU)."""
-    def run(view1, view2):
-        with torch.autocast(view1.device.type, enabled=False):
-            return forward(view1.contiguous(memory_format=memory_format), view2.contiguous(memory_format=memory_format))
-    return run
-
-
 def build(variant, args, device):
-    """(model, forward, optimizer) for one variant, fresh, as train.py builds them; see the docstring."""
-    cuda = device.type == "cuda"
+    """(model, forward, optimizer) for one variant, fresh; models.prepare sets its precision and
+    memory format as train.py does, except that fp32 and channels_last force autocast off."""
     model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"],
                  joint_views=variant == "joint_views").to(device)
-    channels_last = variant == "channels_last" or (cuda and variant != "fp32")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if variant == "compile" else model
-    if variant in ("fp32", "channels_last") or not cuda:
-        forward = eager_fp32(forward, torch.channels_last if channels_last else torch.contiguous_format)
+    if variant in ("fp32", "channels_last"):
+        forward = prepare(model, device, channels_last=variant == "channels_last", bf16=False)
+    else:
+        forward = prepare(model, device, compile=variant == "compile")
     return model, forward, train.make_optimizer(model, train.DEFAULTS)
 
 

@@ -15,6 +15,8 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from runs import cache_dir, save_atomic
+
 DATASETS = ("cifar10", "cifar100", "stl10")
 DEFAULT_ROOT = "data"  # torchvision downloads here
 TORCHVISION_FOLDERS = ("cifar-10-batches-py", "cifar-100-python", "stl10_binary")
@@ -59,16 +61,17 @@ def folder_split(root, split):
 
 
 def load(data, dataset="cifar10", split="train", image_size=32, subset=None, seed=0,
-         cache="cache", workers=4):
+         cache=None, workers=4):
     """Returns (images uint8 N x 3 x H x W, labels int64 N) for one split.
 
     data: a directory. If it is (or holds train/ and test/) ImageFolders, they are read; otherwise
     torchvision's `dataset` is downloaded into it. subset: a fixed random subset of that many images,
-    the same for a given seed. STL-10's training split is 'unlabeled' + 'train' (labels -1 for the
-    unlabeled part), as used for pretraining.
+    the same for a given seed. cache: where a decoded ImageFolder is kept (default runs/.cache).
+    STL-10's training split is 'unlabeled' + 'train' (labels -1 for the unlabeled part), as used
+    for pretraining.
     """
     if os.path.isdir(data) and (is_image_folder(data) or is_image_folder(os.path.join(data, split))):
-        return load_folder(folder_split(data, split), image_size, subset, seed, cache, workers)
+        return load_folder(folder_split(data, split), image_size, subset, seed, cache or cache_dir(), workers)
     if not os.path.isdir(data) and os.path.normpath(data) != DEFAULT_ROOT:
         raise DataError(f"The --data folder {data!r} does not exist. Point --data at an ImageFolder "
                         f"(one sub-folder per class), or leave it out to download {dataset} into ./{DEFAULT_ROOT}/.")
@@ -139,6 +142,5 @@ def load_folder(root, image_size, subset, seed, cache, workers):
         images = torch.stack(list(pool.map(decode, [f for f, _ in files])))
     labels = torch.tensor([c for _, c in files], dtype=torch.int64)
     os.makedirs(cache, exist_ok=True)
-    torch.save((images, labels), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_atomic((images, labels), path)
     return images, labels

@@ -98,3 +98,26 @@ class BYOL(nn.Module):
         if not hasattr(self, "_ema_pairs"):
             self._ema_pairs = (list(self.target.parameters()), list(self.online.parameters()))
         torch._foreach_lerp_(*self._ema_pairs, 1.0 - tau)
+
+
+# ---- how the networks run: decided once, where the model is built ------------------------------------
+
+def autocast(device):
+    """bf16 autocast on CUDA (the paper trains in bfloat16 on TPUs, Appendix C), off elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def prepare(model, device, compile=False, channels_last=None, bf16=None):
+    """Returns forward(view1, view2) running `model` as it should run on `device`: on CUDA with
+    channels_last weights and views and bf16 autocast (each can be forced on or off, as bench.py
+    does), optionally torch.compile'd. Algorithm 1's update (train.byol_update) just calls it."""
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if (cuda if channels_last is None else channels_last) else torch.contiguous_format
+    model.to(memory_format=fmt)
+    net = torch.compile(model) if compile else model
+    precision = autocast(device) if bf16 is None else torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+    def forward(view1, view2):
+        with precision:
+            return net(view1.contiguous(memory_format=fmt), view2.contiguous(memory_format=fmt))
+    return forward

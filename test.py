@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from augment import crop_flip, normalize
-from models import ARCHS, STEMS, resnet
+from augment import crop_flip
+from evaluation import features, knn_accuracy
+from models import ARCHS, STEMS, autocast, resnet
+from runs import cache_dir, newest_run, pick_device, read_config, read_log
 
 # Published CIFAR-10 results of BYOL with a ResNet-18 (the paper reports ImageNet only), for the
 # comparison printed after a CIFAR-10 resnet18 evaluation: (value, what and where).
@@ -42,10 +44,7 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
         path = os.path.join(path, "encoder.pt")
     if not os.path.isfile(path):
         raise SystemExit(f"error: no encoder at {path}. Train one with: python train.py")
-    cfg = {}
-    if os.path.isfile(os.path.join(run_dir, "config.json")):
-        with open(os.path.join(run_dir, "config.json")) as f:
-            cfg = json.load(f)
+    cfg = read_config(run_dir)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -67,34 +66,6 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
     return encoder, {**cfg, "arch": arch, "image_size": image_size, "stem": stem}, run_dir
 
 
-@torch.no_grad()
-def features(encoder, images, device, batch_size=512):
-    """y = f(x) for every image, encoder in eval mode (BN running statistics), no augmentation."""
-    encoder.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size].to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(encoder(x).float())
-    return torch.cat(out)
-
-
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, t=0.1, chunk=1024):
-    """Weighted kNN (Wu et al. 2018, as used in the BYOL/SimSiam literature): cosine similarity to the
-    k nearest training features, each votes for its class with weight exp(sim / t). Returns top-1."""
-    train_features = F.normalize(train_features, dim=1)
-    n_classes = int(train_labels.max()) + 1
-    k = min(k, len(train_features))
-    correct = 0
-    for i in range(0, len(test_features), chunk):
-        sim = F.normalize(test_features[i:i + chunk], dim=1) @ train_features.T  # B x N
-        sim, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), n_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
-        correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
-    return correct / len(test_features)
-
-
 def train_linear(encoder, train_x, train_y, n_classes, device, epochs=100, lr=0.1, batch_size=256,
                  augment=None):
     """Appendix C.1: a linear classifier on the frozen representation, SGD with Nesterov momentum 0.9,
@@ -109,7 +80,7 @@ def train_linear(encoder, train_x, train_y, n_classes, device, epochs=100, lr=0.
             sample = features(encoder, train_x[:2048], device)
         mean, std = sample.mean(0), sample.std(0) + 1e-6
         def embed(x):
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.no_grad(), autocast(device):
                 return (encoder(augment(x)).float() - mean) / std
     head = torch.nn.Linear(mean.numel(), n_classes).to(device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
@@ -171,7 +142,7 @@ def finetune(encoder, train_x, train_y, n_classes, device, image_size, epochs=10
         perm = torch.randperm(len(train_x), device=device)
         for i in range(steps):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = net(crop_flip(train_x[idx], image_size))
             loss = F.cross_entropy(logits.float(), train_y[idx])
             opt.zero_grad(set_to_none=True)
@@ -198,18 +169,6 @@ CURVES = (("loss", "BYOL loss"), ("knn_top1", "kNN top-1 (test split)"),
           ("lr", "learning rate"), ("tau", "tau: target EMA rate"))
 
 
-def read_log(path):
-    """The records of a log.jsonl, skipping a line cut short by a crash."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def plot_curves(run, out="README.assets/curves.png"):
     """Draws loss, kNN accuracy, online-probe accuracy, z_std, lr and tau against epoch from one run's
     log.jsonl; a key missing from some lines (kNN and probe are logged less often) is drawn where present."""
@@ -223,10 +182,7 @@ def plot_curves(run, out="README.assets/curves.png"):
     if not os.path.isfile(path):
         raise SystemExit(f"error: no log at {path}; pass a run directory such as runs/<name>")
     records = read_log(path)
-    cfg = {}
-    if os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
-        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
-            cfg = json.load(f)
+    cfg = read_config(os.path.dirname(path))
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, title) in zip(axes.flat, CURVES):
         points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and "epoch" in r]
@@ -277,7 +233,6 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.plot:
-        from train import newest_run
         print(f"wrote {plot_curves(args.run or newest_run())}")
         return None
     if args.labels is not None and not 0 < args.labels <= 1:
@@ -288,14 +243,11 @@ def main(argv=None):
         encoder, run_dir, args.run = resnet(cfg["arch"], cfg["image_size"], cfg["stem"])[0], None, "random-init"
     else:
         if args.run is None:
-            from train import newest_run
             args.run = newest_run()
         encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size, args.stem)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here; use --device cpu")
+    device = pick_device(args.device)
     root, dataset = args.data or cfg.get("data", "data"), args.dataset or cfg.get("dataset", "cifar10")
-    cache = os.path.join("runs", ".cache") if run_dir is None else os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
+    cache = cache_dir(run_dir)
     size = cfg["image_size"]
     train_x, train_y = data.load(root, dataset, "train", size, args.subset, args.seed, cache)
     test_x, test_y = data.load(root, dataset, "test", size, args.test_subset, args.seed, cache)

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 import data
 from augment import Augment
-from models import ARCHS, BYOL, STEMS
-from test import features, knn_accuracy
+from evaluation import features, knn_accuracy
+from models import ARCHS, BYOL, STEMS, prepare
+from runs import RUNS, cache_dir, newest_run, pick_device, save_atomic
 
 # ----------------------------------------------------------------------------------------------
 # The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
@@ -136,18 +137,12 @@ def make_optimizer(model, cfg):
 
 def byol_update(model, forward, optimizer, view1, view2, lr, tau):
     """Algorithm 1 once the two views exist: the loss (Eq. 2, symmetrised), one optimizer step on
-    theta (online + predictor) at learning rate lr, then the EMA of the target with tau: Eq. 3.
-    `forward` is the model or its torch.compile'd wrapper. On CUDA the views go channels_last and
-    the forward pass runs in bf16 autocast. Returns the detached loss, y1 and z1 (for the monitors).
-    """
+    theta (online + predictor) at learning rate lr, then the EMA of the target with tau (Eq. 1).
+    forward is models.prepare(model, ...): it decides precision and memory format. Returns the
+    detached loss, y1 and z1 (for the monitors)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    cuda = view1.is_cuda
-    if cuda:
-        view1 = view1.contiguous(memory_format=torch.channels_last)
-        view2 = view2.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        loss, y1, z1 = forward(view1, view2)
+    loss, y1, z1 = forward(view1, view2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()                                  # theta <- optimizer(theta, grad L)
@@ -178,13 +173,13 @@ def z_std(z):
 
 class Monitor:
     """What the log reports, summed on the device as training runs and read (one host sync) only at
-    logging time: the loss and z_std (mean and max over the log interval), and the online probe's
-    hits (over the epoch)."""
+    logging time: images/s, the loss and z_std (mean and max over the log interval), and the online
+    probe's hits (over the epoch)."""
 
-    def __init__(self, device):
+    def __init__(self, device, batch_size):
         self.interval = torch.zeros(3, device=device)  # sum of loss, sum of z_std, max of z_std
         self.probe = torch.zeros(2, device=device)     # correct, labelled
-        self.steps = 0
+        self.batch_size, self.steps, self.t = batch_size, 0, time.perf_counter()
 
     def add(self, loss, z, probe_hits=None):
         s = z_std(z)
@@ -195,16 +190,19 @@ class Monitor:
         self.steps += 1
 
     def read(self, end_of_epoch):
-        """The means since the last read (and the probe's accuracy over the epoch at its end); resets."""
+        """(steps since the last read, their figures: images/s and the means, and the probe's accuracy
+        over the epoch at its end); resets."""
         (loss, s, s_max), (correct, labelled) = self.interval.tolist(), self.probe.tolist()
-        out = dict(loss=loss / self.steps, z_std=s / self.steps, z_std_max=s_max)
+        steps, now = self.steps, time.perf_counter()
+        out = dict(images_per_s=steps * self.batch_size / (now - self.t), loss=loss / steps, z_std=s / steps,
+                   z_std_max=s_max)
         self.interval.zero_()
-        self.steps = 0
+        self.steps, self.t = 0, now
         if end_of_epoch:
             if labelled:
                 out["probe_top1"] = correct / labelled
             self.probe.zero_()
-        return out
+        return steps, out
 
 
 def collapse_warning(z_std_max, threshold, proj_dim, first_step, last_step):
@@ -221,9 +219,9 @@ def collapse_warning(z_std_max, threshold, proj_dim, first_step, last_step):
 
 
 def knn_eval(encoder, images, labels, test, device):
-    """Weighted kNN top-1 (k = 200, t = 0.1; test.py) of the online encoder in eval mode (BN running
-    statistics): the bank is the labelled training images in memory, the queries the test split.
-    Puts the encoder back in train mode."""
+    """Weighted kNN top-1 (k = 200, t = 0.1; evaluation.py) of the online encoder in eval mode (BN
+    running statistics): the bank is the labelled training images in memory, the queries the test
+    split. Puts the encoder back in train mode."""
     known = labels >= 0
     bank = features(encoder, images[known], device)
     top1 = knn_accuracy(bank, labels[known], features(encoder, test[0], device), test[1])
@@ -231,52 +229,17 @@ def knn_eval(encoder, images, labels, test, device):
     return top1
 
 
-def load_test_split(cfg, cache, device):
-    """The labelled test split for the kNN monitor, on the device, or None (with a note) when there is none."""
-    try:
-        # seed 0 whatever the run's seed: every run is scored on the same test images
-        x, y = data.load(cfg["data"], cfg["dataset"], "test", cfg["image_size"], cfg["test_subset"],
-                         0, cache=cache, workers=cfg["workers"])
-    except data.DataError as e:
-        print(f"note: no kNN monitor, as there is no labelled test split ({str(e).splitlines()[0]})")
-        return None
-    return (x[y >= 0].to(device), y[y >= 0].to(device)) if (y >= 0).any() else None
-
-
-def save_atomic(obj, path):
-    """Writes to a temporary file, then renames: a crash mid-write never leaves a broken file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def rng_state(device):
-    state = dict(cpu=torch.get_rng_state())
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def parse_args(argv):
-    """Command-line flags override DEFAULTS. Returns (config, the flags given explicitly)."""
+    """Command-line flags override DEFAULTS. Returns (config, the flags given explicitly, --resume)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for key, value in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {value}")
+        if isinstance(value, bool) or key == "blur":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           help="default: off at 32 px, on above" if key == "blur" else f"default {value}")
         else:
-            kind = {int: int, float: float}.get(type(value), str)
-            if key in ("subset", "test_subset"):
-                kind = int
-            if key == "blur":
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, help="default: off at 32 px, on above")
-                continue
+            kind = int if key in ("subset", "test_subset") else {int: int, float: float}.get(type(value), str)
             p.add_argument(flag, type=kind, help=f"default {value}", choices=CHOICES.get(key))
     p.add_argument("--resume", nargs="?", const="latest",
                    help="a run directory or checkpoint to continue (no value: the newest run in runs/)")
@@ -285,15 +248,22 @@ def parse_args(argv):
     return {**DEFAULTS, **args}, args, resume
 
 
-def newest_run(runs="runs"):
-    dirs = [os.path.join(runs, d) for d in os.listdir(runs)] if os.path.isdir(runs) else []
-    dirs = [d for d in dirs if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
-    if not dirs:
-        raise SystemExit(f"error: no run with a checkpoint.pt in {runs}/; train one with: python train.py")
-    return max(dirs, key=lambda d: os.path.getmtime(os.path.join(d, "checkpoint.pt")))
+def configure(argv):
+    """The run's config (DEFAULTS, then the flags; a resumed run's own recipe, then the flags given
+    now, e.g. --device or --epochs to extend it) and its checkpoint (None for a new run)."""
+    cfg, explicit, resume = parse_args(argv)
+    ckpt = None
+    if resume:
+        ckpt, path = load_checkpoint(resume)
+        cfg = {**DEFAULTS, **ckpt["config"], "device": None, **explicit, "out": os.path.dirname(path)}
+    if cfg["batch_size"] < 2:
+        raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
+                         f"least 2 images per batch (the recipe uses 256)")
+    return cfg, ckpt
 
 
 def load_checkpoint(resume):
+    """(checkpoint dict, its path) from a run directory, a checkpoint.pt, or "latest"."""
     path = newest_run() if resume == "latest" else resume
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
@@ -307,105 +277,68 @@ def load_checkpoint(resume):
     return ckpt, path
 
 
-def main(argv=None):
-    cfg, explicit, resume = parse_args(argv)
-    ckpt = None
-    if resume:
-        ckpt, path = load_checkpoint(resume)
-        # The run's own recipe, except what was asked for now (e.g. --device, --epochs to extend it).
-        cfg = {**DEFAULTS, **ckpt["config"], "device": None, **explicit, "out": os.path.dirname(path)}
-    if cfg["batch_size"] < 2:
-        raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
-                         f"least 2 images per batch (the recipe uses 256)")
-    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here; use --device cpu")
-    cfg["device"] = str(device)
-    torch.manual_seed(cfg["seed"])
-    source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) else cfg["dataset"]
-    out = cfg["out"] = cfg["out"] or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
-
-    # Data: the whole training set on the device, as uint8 (augment.py makes the views there).
-    cache = os.path.join(os.path.dirname(os.path.abspath(out)), ".cache")
+def load_data(cfg, device):
+    """The training set on the device as uint8 (augment.py makes the views there), its labels (-1 =
+    none; only the monitors see them) and, for the kNN monitor, the labelled test split or None."""
+    cache = cache_dir(cfg["out"])
     images, labels = data.load(cfg["data"], cfg["dataset"], "train", cfg["image_size"], cfg["subset"],
                                cfg["seed"], cache=cache, workers=cfg["workers"])
-    images, labels = images.to(device), labels.to(device)            # labels: only the monitors see them
-    steps_per_epoch = len(images) // cfg["batch_size"]
-    if steps_per_epoch == 0:
+    if len(images) < cfg["batch_size"]:
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} exceeds the {len(images)} training "
                          f"images; lower it or use more data")
-    total_steps = cfg["epochs"] * steps_per_epoch
-    os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves no empty run
-    warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
-    peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
-    n_classes = int(labels.max()) + 1                                  # 0: no labels, no monitors
-    test = load_test_split(cfg, cache, device) if cfg["knn_every"] and n_classes else None
+    test = None
+    if cfg["knn_every"] and (labels >= 0).any():
+        try:  # seed 0 whatever the run's seed: every run is scored on the same test images
+            x, y = data.load(cfg["data"], cfg["dataset"], "test", cfg["image_size"], cfg["test_subset"],
+                             0, cache=cache, workers=cfg["workers"])
+            test = (x[y >= 0].to(device), y[y >= 0].to(device)) if (y >= 0).any() else None
+        except data.DataError as e:
+            print(f"note: no kNN monitor, as there is no labelled test split ({str(e).splitlines()[0]})")
+    return images.to(device), labels.to(device), test
 
-    aug = Augment(cfg["image_size"], blur=cfg["blur"])
-    model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
-                 cfg["joint_views"], cfg.get("stem")).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    # The online probe: its own Linear and optimizer (SGD as solo-learn's classifier, which shares the
-    # backbone's lr schedule; ours keeps probe_lr constant), so it can never move the encoder.
-    probe, probe_optimizer = None, None
-    if n_classes:
-        probe = torch.nn.Linear(model.online.projector[0].in_features, n_classes).to(device)
-        probe_optimizer = torch.optim.SGD(probe.parameters(), lr=cfg["probe_lr"], momentum=0.9)
-    step, perm = 0, None
-    if ckpt:
-        model.online.load_state_dict(ckpt["online"])
-        model.target.load_state_dict(ckpt["target"])
-        model.predictor.load_state_dict(ckpt["predictor"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if probe is not None and ckpt.get("probe") is not None:
-            probe.load_state_dict(ckpt["probe"])
-            probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
-        step, perm = ckpt["step"], ckpt["perm"].to(device)
-        set_rng_state(ckpt["rng"], device)
-    forward = torch.compile(model) if cfg["compile"] else model
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
 
-    def checkpoint():
-        save_atomic(dict(online=model.online.state_dict(), target=model.target.state_dict(),
-                         predictor=model.predictor.state_dict(), optimizer=optimizer.state_dict(),
-                         probe=probe.state_dict() if n_classes else None,
-                         probe_optimizer=probe_optimizer.state_dict() if n_classes else None,
-                         epoch=step // steps_per_epoch, step=step, perm=perm.cpu(),
-                         rng=rng_state(device), config=cfg), os.path.join(out, "checkpoint.pt"))
-        # The encoder alone, as a plain torchvision ResNet state_dict (README: "Use the encoder").
-        save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
+def make_probe(dim, n_classes, cfg, device):
+    """The online probe: its own Linear and optimizer (SGD as solo-learn's classifier, which shares the
+    backbone's lr schedule; ours keeps probe_lr constant), so it can never move the encoder. (None,
+    None) when the data has no labels."""
+    if not n_classes:
+        return None, None
+    probe = torch.nn.Linear(dim, n_classes).to(device)
+    return probe, torch.optim.SGD(probe.parameters(), lr=cfg["probe_lr"], momentum=0.9)
 
-    log = open(os.path.join(out, "log.jsonl"), "a")
-    monitor, t_log, warned, shown = Monitor(device), time.perf_counter(), False, {}
 
-    def report(lr, tau, end_of_epoch):
-        """One log.jsonl line (the loop's only host syncs), the kNN check when due, the collapse warning."""
-        nonlocal t_log, warned
-        steps, dt = monitor.steps, time.perf_counter() - t_log
-        record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau,
-                      images_per_s=steps * cfg["batch_size"] / dt, **monitor.read(end_of_epoch))
-        epoch = step // steps_per_epoch
-        if test and end_of_epoch and not stop and (epoch % cfg["knn_every"] == 0 or step == total_steps):
-            record["knn_top1"] = knn_eval(model.online.encoder, images, labels, test, device)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        warning = collapse_warning(record["z_std_max"], cfg["collapse_z_std"], cfg["proj_dim"],
-                                   step - steps + 1, step)
-        if warning and not warned:
-            tqdm.write(warning)
-            warned = True
-        shown.update({k: f"{record[k]:.4f}" for k in ("loss", "z_std", "probe_top1", "knn_top1") if k in record})
-        bar.set_postfix(**shown, lr=f"{lr:.3g}", tau=f"{tau:.4f}")
-        t_log = time.perf_counter()
+def restore(ckpt, model, optimizer, probe, probe_optimizer, device):
+    """Loads a checkpoint's weights, optimizer, probe and RNG state. Returns (step, the epoch's data order)."""
+    model.online.load_state_dict(ckpt["online"])
+    model.target.load_state_dict(ckpt["target"])
+    model.predictor.load_state_dict(ckpt["predictor"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if probe is not None and ckpt.get("probe") is not None:
+        probe.load_state_dict(ckpt["probe"])
+        probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["perm"].to(device)
 
-    bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True)
-    model.train()
-    # Ctrl-C finishes the step under way, saves, and exits; a second Ctrl-C stops at once (the
-    # checkpoint on disk is then the last complete one, never a half-written file).
+
+def save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device):
+    """checkpoint.pt (everything needed to resume exactly) and encoder.pt (the encoder alone, a plain
+    torchvision ResNet state_dict: README, "Use the encoder"), each written atomically."""
+    rng = dict(cpu=torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+    save_atomic(dict(online=model.online.state_dict(), target=model.target.state_dict(),
+                     predictor=model.predictor.state_dict(), optimizer=optimizer.state_dict(),
+                     probe=probe.state_dict() if probe else None,
+                     probe_optimizer=probe_optimizer.state_dict() if probe else None,
+                     epoch=step // (len(perm) // cfg["batch_size"]),  # perm: one epoch's data order
+                     step=step, perm=perm.cpu(), rng=rng,
+                     config=cfg), os.path.join(out, "checkpoint.pt"))
+    save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
+
+
+def stop_on_sigint():
+    """Ctrl-C finishes the step under way, then the loop saves and exits (the returned list becomes
+    non-empty); a second Ctrl-C stops at once, leaving the last complete checkpoint on disk."""
     stop = []
 
     def on_sigint(signum, frame):
@@ -413,26 +346,74 @@ def main(argv=None):
             raise KeyboardInterrupt
         stop.append(signum)
     signal.signal(signal.SIGINT, on_sigint)
+    return stop
+
+
+def main(argv=None):
+    cfg, ckpt = configure(argv)
+    device = pick_device(cfg["device"])
+    cfg["device"] = str(device)
+    torch.manual_seed(cfg["seed"])
+    source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) else cfg["dataset"]
+    out = cfg["out"] = cfg["out"] or os.path.join(RUNS, f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
+
+    # Data and schedule: one step per batch, the warm-up capped at a tenth of the run (Sec. 3.3).
+    images, labels, test = load_data(cfg, device)
+    steps_per_epoch = len(images) // cfg["batch_size"]
+    total_steps = cfg["epochs"] * steps_per_epoch
+    warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
+    peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256                  # Sec. 3.3, linear scaling
+    os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves no empty run
+
+    # Model: online, target and predictor (Sec. 3.1); precision and memory format decided here, once.
+    aug = Augment(cfg["image_size"], blur=cfg["blur"])
+    model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
+                 cfg["joint_views"], cfg["stem"]).to(device)
+    forward = prepare(model, device, compile=cfg["compile"])
+    optimizer = make_optimizer(model, cfg)
+    probe, probe_optimizer = make_probe(model.online.projector[0].in_features, int(labels.max()) + 1, cfg, device)
+    step, perm = restore(ckpt, model, optimizer, probe, probe_optimizer, device) if ckpt else (0, None)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+    log = open(os.path.join(out, "log.jsonl"), "a")
+    monitor, warned, shown = Monitor(device, cfg["batch_size"]), False, {}
+    bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True)
+    stop = stop_on_sigint()
+    model.train()
     # Algorithm 1, one iteration per step k.
     while step < total_steps and not stop:
         i = step % steps_per_epoch
         if i == 0 or perm is None:
             perm = torch.randperm(len(images), device=device)
-        lr = lr_at(step, total_steps, warmup_steps, peak_lr)           # Sec. 3.3, cosine lr
-        tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3
+        lr = lr_at(step, total_steps, warmup_steps, peak_lr)            # Sec. 3.3, cosine lr
+        tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3, cosine tau
         batch = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
-        x = images[batch]                                               # B x 3 x H x W uint8
-        view1, view2 = aug(x)                                           # v ~ T(x), v' ~ T'(x)
+        view1, view2 = aug(images[batch])                                # v ~ T(x), v' ~ T'(x)
         loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
         step += 1
         # Monitors, outside Algorithm 1: the online probe on y1 and the collapse monitor on z1.
-        monitor.add(loss, z1, probe_update(probe, probe_optimizer, y1, labels[batch]) if n_classes else None)
+        hits = probe_update(probe, probe_optimizer, y1, labels[batch]) if probe else None
+        monitor.add(loss, z1, hits)
         bar.update()
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-        if step % cfg["log_every"] == 0 or end_of_epoch or stop:
-            report(lr, tau, end_of_epoch)
+        if step % cfg["log_every"] == 0 or end_of_epoch or stop:         # the loop's only host syncs
+            steps, figures = monitor.read(end_of_epoch)
+            record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau, **figures)
+            epoch = step // steps_per_epoch
+            if test and end_of_epoch and not stop and (epoch % cfg["knn_every"] == 0 or step == total_steps):
+                record["knn_top1"] = knn_eval(model.online.encoder, images, labels, test, device)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            warning = collapse_warning(record["z_std_max"], cfg["collapse_z_std"], cfg["proj_dim"],
+                                       step - steps + 1, step)
+            if warning and not warned:
+                tqdm.write(warning)
+                warned = True
+            shown.update({k: f"{record[k]:.4f}" for k in ("loss", "z_std", "probe_top1", "knn_top1") if k in record})
+            bar.set_postfix(**shown, lr=f"{lr:.3g}", tau=f"{tau:.4f}")
         if end_of_epoch or stop:
-            checkpoint()
+            save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device)
     bar.close()
     log.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)

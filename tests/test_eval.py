@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluation
 import test as evaluate
 import train
 from models import BYOL
@@ -20,10 +21,10 @@ def test_knn_on_clusters_is_exact_and_uses_cosine_similarity():
     train_y, test_y = torch.arange(4).repeat(25), torch.arange(4).repeat_interleave(5)
     train_f = centres[train_y] + 0.05 * torch.randn(100, 16, generator=g)
     test_f = centres[test_y] + 0.05 * torch.randn(20, 16, generator=g)
-    assert evaluate.knn_accuracy(train_f, train_y, test_f, test_y, k=10, chunk=3) == 1.0
+    assert evaluation.knn_accuracy(train_f, train_y, test_f, test_y, k=10, chunk=3) == 1.0
     # cosine similarity: the length of a feature does not matter
-    assert evaluate.knn_accuracy(train_f, train_y, 100 * test_f, test_y, k=10) == 1.0
-    assert evaluate.knn_accuracy(train_f, train_y, test_f, (test_y + 1) % 4, k=10) == 0.0
+    assert evaluation.knn_accuracy(train_f, train_y, 100 * test_f, test_y, k=10) == 1.0
+    assert evaluation.knn_accuracy(train_f, train_y, test_f, (test_y + 1) % 4, k=10) == 0.0
 
 
 def test_knn_votes_are_weighted_by_similarity():
@@ -32,8 +33,8 @@ def test_knn_votes_are_weighted_by_similarity():
     query = torch.tensor([[1.0, 0.0]])
     far = torch.tensor([[0.5, math.sqrt(0.75)], [0.5, -math.sqrt(0.75)], [0.5, math.sqrt(0.75)]])
     train_f, train_y = torch.cat([far, query]), torch.tensor([0, 0, 0, 1])
-    assert evaluate.knn_accuracy(train_f, train_y, query, torch.tensor([1]), k=4, t=0.1) == 1.0
-    assert evaluate.knn_accuracy(train_f, train_y, query, torch.tensor([0]), k=4, t=100.0) == 1.0
+    assert evaluation.knn_accuracy(train_f, train_y, query, torch.tensor([1]), k=4, t=0.1) == 1.0
+    assert evaluation.knn_accuracy(train_f, train_y, query, torch.tensor([0]), k=4, t=100.0) == 1.0
 
 
 def test_probe_never_sends_gradients_into_the_encoder():
@@ -95,16 +96,17 @@ def test_collapse_monitor_reads_zero_when_collapsed_and_one_over_sqrt_d_when_spr
 
 
 def test_monitor_accumulates_on_device_and_reads_means():
-    m = train.Monitor(torch.device("cpu"))
+    m = train.Monitor(torch.device("cpu"), batch_size=64)
     collapsed, spread = torch.ones(64, 16), F.normalize(torch.randn(64, 16), dim=1)
     m.add(torch.tensor(2.0), collapsed, (torch.tensor(3), torch.tensor(4)))
     m.add(torch.tensor(4.0), spread, (torch.tensor(1), torch.tensor(4)))
-    r = m.read(end_of_epoch=False)
+    steps, r = m.read(end_of_epoch=False)
+    assert steps == 2 and r["images_per_s"] > 0
     assert r["loss"] == pytest.approx(3.0) and r["z_std_max"] == pytest.approx(train.z_std(spread).item())
     assert r["z_std"] == pytest.approx(train.z_std(spread).item() / 2) and "probe_top1" not in r
     m.add(torch.tensor(1.0), spread, (torch.tensor(0), torch.tensor(0)))
-    r = m.read(end_of_epoch=True)
-    assert r["loss"] == pytest.approx(1.0) and r["probe_top1"] == pytest.approx(4 / 8)   # over the epoch
+    steps, r = m.read(end_of_epoch=True)
+    assert steps == 1 and r["loss"] == pytest.approx(1.0) and r["probe_top1"] == pytest.approx(4 / 8)   # over the epoch
 
 
 def test_tau_ablation_settings():
