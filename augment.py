@@ -5,7 +5,7 @@ from torch's global RNG (so checkpoints can restore it), applied through masks a
 no Python loop over images and no host sync. Each op matches torchvision.transforms.v2.functional
 on the same parameters (tests/test_augment.py checks this).
 
-    python augment.py --show [--data DIR]   # README.assets/views.png (needs matplotlib); speed: bench.py
+The README's picture of the two views: python plots.py views (plots.py). Speed: bench.py.
 """
 import math
 
@@ -23,17 +23,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def _bcast(v):  # (N,) -> (N,1,1,1), to scale a batch of images per image
+def _bcast(v):  # (N,) -> (N,1,1,1), to scale or select a batch of images per image
     return v.view(-1, 1, 1, 1)
-
-
-def _select_(mask, y, x):  # per image, in place: x = y where mask (N,) is True, else x as it is
-    # lerp with a 0/1 weight is an exact select, and 1.5x faster than a broadcast torch.where on a CPU
-    return x.lerp_(y, _bcast(mask).to(x.dtype))
-
-
-def _flag(a, b):  # float 1.0 where a == b, else 0.0: a lerp_ weight (6x faster than a per-pixel where)
-    return torch.eq(a, b, out=torch.empty_like(a))
 
 
 def _coin(n, p, device):  # (N,) bool, each True with probability p
@@ -46,21 +37,15 @@ def _uniform(n, lo, hi, device):  # (N,) floats ~ U[lo, hi]
 
 def to_float(images):
     """uint8 (N,3,H,W) -> float32 in [0,1]; float input is taken to be in [0,1] already."""
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-
-
-def normalize_(x, mean=CIFAR10_MEAN, std=CIFAR10_STD):
-    """(x - mean) / std in place on a float32 (N,3,H,W) batch in [0,1]."""
-    # built on the host and copied without a stream sync (as torchvision does for its lookup tables)
-    mean = torch.tensor(mean).view(1, 3, 1, 1).to(x.device, non_blocking=True)
-    std = torch.tensor(std).view(1, 3, 1, 1).to(x.device, non_blocking=True)
-    return x.sub_(mean).div_(std)
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
 def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD):
-    """uint8 or [0,1] float (N,3,H,W) -> (x - mean) / std, a new float32 tensor on the same device."""
-    x = to_float(images)
-    return normalize_(x.clone() if x is images else x, mean, std)
+    """uint8 or [0,1] float (N,3,H,W) -> (x - mean) / std, float32 on the same device."""
+    # mean and std are copied to the device without a stream sync, as torchvision does for its tables
+    mean = torch.tensor(mean).view(1, 3, 1, 1).to(images.device, non_blocking=True)
+    std = torch.tensor(std).view(1, 3, 1, 1).to(images.device, non_blocking=True)
+    return (to_float(images) - mean) / std
 
 
 # ---- random resized crop: torchvision RandomResizedCrop.get_params, batched -------------------
@@ -113,12 +98,10 @@ def resized_crop(x, boxes, size, flip=None):
 
 
 # ---- per-image ops on float images in [0,1]; factors are (N,) tensors --------------------------
-# Each op returns a new tensor; Augment.view and color_jitter_ chain them in place on their own batch,
-# since on a CPU a fresh full-batch allocation costs about as much as the arithmetic.
 
 def _luma(x):  # N x 1 x H x W: ITU-R 601 luma, the weights and order of torchvision's rgb_to_grayscale
     r, g, b = x.unbind(1)
-    return (0.2989 * r).add_(g, alpha=0.587).add_(b, alpha=0.114)[:, None]
+    return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None]
 
 
 def grayscale(x):  # 3 channels out, as torchvision's rgb_to_grayscale(x, 3)
@@ -142,32 +125,43 @@ def adjust_saturation(x, factor):
     return _blend(x, grayscale(x), factor)
 
 
-def adjust_hue(x, factor):
-    """Shift each image's hue by factor (N,), a fraction of the circle in [-0.5, 0.5], as torchvision's
-    RGB -> HSV -> RGB, in closed form. With v = max, chroma c = max - min and 6h from Pillow's formula,
-    channel n (5, 3, 1 for R, G, B) becomes v - c clamp(min(k, 4 - k), 0, 1), k = (n + 6h') mod 6 and
-    h' = h + factor. As min(k, 4 - k) = 2 - |k - 2|, that is v - c clamp(2 - d, 0, 1), d the distance
-    from k - 2 to the nearest multiple of 6; for t = (6h' mod 6) + n - 2, in [-1, 9), d = ||t - 3| - 3|,
-    so no per-channel mod is needed. Grey pixels (c = 0) keep their value."""
+def rgb_to_hsv(x):
+    """(N,3,H,W) RGB -> HSV, each channel in [0,1] (h a fraction of the circle), as torchvision and
+    Pillow: v = max, chroma c = max - min, s = c / v, and 6h = (g - b) / c where r is the max, else
+    2 + (b - r) / c where g is, else 4 + (r - g) / c. Grey pixels (c = 0) get h = s = 0."""
     r, g, b = x.unbind(1)
-    v = x.amax(1)                                                   # N x H x W
+    v = x.amax(1)
     c = v - x.amin(1)
-    # 6h c: (g - b) where r is the max, else (b - r) + 2c where g is, else (r - g) + 4c, as Pillow;
-    # each lerp_ with a 0/1 weight is an exact select
-    h6 = (r - g).add_(c, alpha=4).lerp_((b - r).add_(c, alpha=2), _flag(v, g)).lerp_(g - b, _flag(v, r))
-    h6.div_(_flag(c, 0).add_(c)).add_(6 * factor.view(-1, 1, 1)).remainder_(6)  # 6h' mod 6, in [0, 6)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-    d = (h6[:, None] + (n - 5)).abs_().sub_(3).abs_()               # N x 3 x H x W; t - 3 = h6 + n - 5
-    return d.sub_(2).clamp_(-1, 0).mul_(c[:, None]).add_(v[:, None])  # v - c clamp(2 - d, 0, 1)
+    s = c / torch.where(v > 0, v, 1)
+    c_ = torch.where(c > 0, c, 1)
+    h6 = torch.where(v == r, (g - b) / c_, torch.where(v == g, 2 + (b - r) / c_, 4 + (r - g) / c_))
+    h = torch.where(c > 0, h6 / 6 % 1, 0)
+    return torch.stack([h, s, v], 1)
 
 
-def color_jitter_(x, p, brightness, contrast, saturation, hue):
-    """In place on float32 x: with probability p per image, the four jitter ops with per-image factors,
-    in a per-image random order (as torchvision ColorJitter).
+def hsv_to_rgb(hsv):
+    """HSV -> RGB: channel n = 5, 3, 1 (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6h) mod 6 (the closed form of the HSV cone; Wikipedia, "HSV to RGB alternative")."""
+    h, s, v = hsv[:, :1], hsv[:, 1:2], hsv[:, 2:]                   # N x 1 x H x W each
+    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device).view(1, 3, 1, 1)
+    k = (n + 6 * h) % 6                                             # N x 3 x H x W
+    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
-    Brightness, contrast and saturation are each a blend a x + b gray(x) + c mean(gray(x)), so the
-    three steps around the costly hue op run as blends: those before hue, then hue once, then those
-    after it. The result equals applying the ops one by one in each image's order.
+
+def adjust_hue(x, factor):
+    """Rotate each image's hue by factor (N,), a fraction of the circle in [-0.5, 0.5], as torchvision:
+    RGB -> HSV, h + factor mod 1, HSV -> RGB."""
+    h, s, v = rgb_to_hsv(x).unbind(1)
+    return hsv_to_rgb(torch.stack([(h + factor.view(-1, 1, 1)) % 1, s, v], 1))
+
+
+def color_jitter(x, p, brightness, contrast, saturation, hue):
+    """With probability p per image, torchvision's ColorJitter: the four ops with per-image factors,
+    in a per-image random order.
+
+    Brightness, contrast and saturation are each a blend a x + b gray(x) + c mean(gray(x)), so each
+    image's ops before hue run as three blend steps, then hue once for the whole batch, then the ops
+    after it: equal to the four ops one by one in each image's order, with one hue op, not four.
     """
     N, dev = x.shape[0], x.device
     fb, fc, fs = (_uniform(N, 1 - s, 1 + s, dev) for s in (brightness, contrast, saturation))
@@ -176,23 +170,22 @@ def color_jitter_(x, p, brightness, contrast, saturation, hue):
     apply = _coin(N, p, dev)
     hue_step = (order == 3).int().argmax(1)          # N, the step at which hue comes
     one, zero = torch.ones_like(fb), torch.zeros_like(fb)
-    # y = a x + b gray(x) + c mean(gray(x)): row k holds op k's (a, b, c); op 3 (hue) is the identity here
-    coef = torch.stack([torch.stack([fb, zero, zero], 1), torch.stack([fc, zero, 1 - fc], 1),
-                        torch.stack([fs, 1 - fs, zero], 1), torch.stack([one, zero, zero], 1)], 1)  # Nx4x3
+    coef = torch.stack([torch.stack([fb, zero, zero], 1),     # brightness: fb x
+                        torch.stack([fc, zero, 1 - fc], 1),   # contrast: fc x + (1 - fc) mean(gray)
+                        torch.stack([fs, 1 - fs, zero], 1),   # saturation: fs x + (1 - fs) gray
+                        torch.stack([one, zero, zero], 1)], 1)  # hue's row: the identity here; Nx4x3
     rows = torch.arange(N, device=dev)
 
-    def blend_step_(x, step, mask):  # in place; where mask is False: op 3, the identity
+    def blend_step(x, step, mask):  # each image's op at this step where mask, else the identity
         a, b, c = (_bcast(t) for t in coef[rows, torch.where(mask, order[:, step], 3)].unbind(1))
         g = _luma(x)
-        bias = c * g.mean((1, 2, 3), keepdim=True)
-        g.mul_(b).add_(bias)                             # b gray + c mean(gray), N x 1 x H x W
-        return x.mul_(a).add_(g).clamp_(0, 1)
+        return (a * x + b * g + c * g.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
 
     for step in range(3):
-        blend_step_(x, step, apply & (step < hue_step))
-    _select_(apply, adjust_hue(x, fh), x)
+        x = blend_step(x, step, apply & (step < hue_step))
+    x = torch.where(_bcast(apply), adjust_hue(x, fh), x)
     for step in range(1, 4):
-        blend_step_(x, step, apply & (step > hue_step))
+        x = blend_step(x, step, apply & (step > hue_step))
     return x
 
 
@@ -210,12 +203,7 @@ def gaussian_blur(x, sigma, kernel_size):
     return y.view(N, C, H, W)
 
 
-def solarize(x, threshold=0.5):
-    """Invert the pixels at or above threshold; at the paper's 0.5 on [0, 1] that is min(x, 1 - x)
-    = 0.5 - |x - 0.5|, with no per-pixel mask: 0.33 ms for 128 CIFAR images on one CPU thread, against
-    1.07 ms for torch.minimum(x, 1 - x) and 3.1 ms for torch.where."""
-    if threshold == 0.5:
-        return (x - 0.5).abs_().neg_().add_(0.5)
+def solarize(x, threshold=0.5):  # invert the pixels at or above threshold
     return torch.where(x >= threshold, 1 - x, x)
 
 
@@ -238,19 +226,21 @@ class Augment:
         them (as __call__ passes). Returns normalised float32."""
         x = to_float(images)
         N, _, H, W = x.shape
+        coin = lambda op: _bcast(_coin(N, recipe[op], x.device))  # noqa: E731  (N,1,1,1) bool
         boxes = sample_crop_boxes(N, H, W, self.scale, self.ratio, x.device)
         x = resized_crop(x, boxes, self.image_size, flip=_coin(N, recipe["flip"], x.device))  # crop, flip
-        color_jitter_(x, recipe["jitter"], **JITTER)  # x is resized_crop's new batch: ops write into it
-        _select_(_coin(N, recipe["gray"], x.device), grayscale(x), x)
+        x = color_jitter(x, recipe["jitter"], **JITTER)
+        x = torch.where(coin("gray"), grayscale(x), x)
         if self.blur and (torch.is_tensor(recipe["blur"]) or recipe["blur"] > 0):
             sigma = _uniform(N, *BLUR_SIGMA, x.device)
-            _select_(_coin(N, recipe["blur"], x.device), gaussian_blur(x, sigma, self.kernel_size), x)
-        _select_(_coin(N, recipe["solarize"], x.device), solarize(x), x)
-        return normalize_(x.clamp_(0, 1), self.mean, self.std)
+            x = torch.where(coin("blur"), gaussian_blur(x, sigma, self.kernel_size), x)
+        x = torch.where(coin("solarize"), solarize(x), x)
+        return normalize(x.clamp(0, 1), self.mean, self.std)
 
     def __call__(self, images):
-        """Both views as one batch of 2N, each image with its view's probabilities: half the ops."""
-        x = to_float(torch.cat([images, images]))  # convert once for both views
+        """Both views as one batch of 2N, each image with its view's probabilities: every op runs once
+        for both views, not twice."""
+        x = to_float(torch.cat([images, images]))
         n = len(images)
         key = (n, x.device)
         if key not in self._recipes:  # per-image probabilities, N of view 1 then N of view 2
@@ -265,41 +255,4 @@ def crop_flip(images, image_size, scale=(0.08, 1.0), mean=CIFAR10_MEAN, std=CIFA
     x = to_float(images)
     N, _, H, W = x.shape
     boxes = sample_crop_boxes(N, H, W, scale, device=x.device)
-    return normalize_(resized_crop(x, boxes, image_size, flip=_coin(N, 0.5, x.device)), mean, std)
-
-
-if __name__ == "__main__":  # python augment.py --show [--data DIR]: README.assets/views.png
-    import argparse
-    from pathlib import Path
-
-    import data
-    from runs import cache_dir
-
-    ap = argparse.ArgumentParser(description="Draw 8 training images and their two views.")
-    ap.add_argument("--show", action="store_true", help="save README.assets/views.png")
-    ap.add_argument("--data", default=data.DEFAULT_ROOT, help="CIFAR-10 download folder or an ImageFolder")
-    args = ap.parse_args()
-    if args.show:  # three rows: 8 training images (fixed seed), their view1, their view2
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise SystemExit("error: --show needs matplotlib: pip install matplotlib")
-        try:
-            images, _ = data.load(args.data, "cifar10", "train", 32, subset=8, seed=0, cache=cache_dir())
-        except data.DataError as e:
-            raise SystemExit(f"error: {e}")
-        torch.manual_seed(0)
-        v1, v2 = Augment(32)(images)
-        mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-        rows = [to_float(images), v1 * std + mean, v2 * std + mean]
-        fig, axes = plt.subplots(3, len(images), figsize=(len(images), 3.3))
-        for r, (name, row) in enumerate(zip(["image", "view1", "view2"], rows)):
-            axes[r, 0].set_ylabel(name)
-            for c, img in enumerate(row):
-                axes[r, c].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
-                axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
-        Path("README.assets").mkdir(exist_ok=True)
-        fig.savefig("README.assets/views.png", dpi=150, bbox_inches="tight")
-        print("wrote README.assets/views.png")
+    return normalize(resized_crop(x, boxes, image_size, flip=_coin(N, 0.5, x.device)), mean, std)

@@ -5,7 +5,7 @@ and semi-supervised fine-tuning (Sec. 4.2).
     python test.py runs/<name>           # a run directory, checkpoint.pt or encoder.pt
     python test.py runs/<name> --data path/to/root   # root holds train/ and test/ ImageFolders
     python test.py runs/<name> --labels 0.01         # also fine-tune on 1% of the labels (Table 2)
-    python test.py --plot runs/<name>    # README.assets/curves.png from the run's log.jsonl
+    python test.py --plot runs/<name>    # README.assets/curves.png from the run's log.jsonl (plots.py)
 
 The encoder is frozen in eval mode; its features are computed once and a linear classifier is
 trained on them (seconds). --augment trains the classifier on random crops and flips instead.
@@ -14,7 +14,6 @@ The last line printed is one JSON object, also saved as eval.json in the run dir
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 
@@ -164,46 +163,6 @@ def compare(result, run_dir):
         print(f"  {key:>9}  ours {100 * result[key]:6.2f}%   published {100 * value:6.2f}%   {source}")
 
 
-CURVES = (("loss", "BYOL loss"), ("knn_top1", "kNN top-1 (test split)"),
-          ("probe_top1", "online probe top-1 (train batches)"), ("z_std", "z_std: collapse monitor"),
-          ("lr", "learning rate"), ("tau", "tau: target EMA rate"))
-
-
-def plot_curves(run, out="README.assets/curves.png"):
-    """Draws loss, kNN accuracy, online-probe accuracy, z_std, lr and tau against epoch from one run's
-    log.jsonl; a key missing from some lines (kNN and probe are logged less often) is drawn where present."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib")
-    path = os.path.join(run, "log.jsonl") if os.path.isdir(run) else run
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no log at {path}; pass a run directory such as runs/<name>")
-    records = read_log(path)
-    cfg = read_config(os.path.dirname(path))
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (key, title) in zip(axes.flat, CURVES):
-        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and "epoch" in r]
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-        if key == "z_std":
-            ax.axhline(1 / math.sqrt(cfg.get("proj_dim", 256)), color="green", ls="--", label="1/sqrt(d): healthy")
-            ax.axhline(cfg.get("collapse_z_std", 0.01), color="red", ls=":", label="collapse warning")
-            ax.legend(fontsize=8)
-    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="run directory, checkpoint.pt or encoder.pt (default: newest in runs/)")
@@ -233,7 +192,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.plot:
-        print(f"wrote {plot_curves(args.run or newest_run())}")
+        from plots import draw_curves  # the one home of README.assets/ drawing
+        print(f"wrote {draw_curves(args.run or newest_run())}")
         return None
     if args.labels is not None and not 0 < args.labels <= 1:
         raise SystemExit(f"error: --labels {args.labels} is a fraction of the training labels: 0.01 or 0.1")

@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny ImageFolder with train/ and test/, taken from the real CIFAR-10 JPEGs in
-../shared/data/cifar10-jpg when present (a small fixed subset), else generated."""
+"""Shared fixtures and constants: a tiny ImageFolder with train/ and test/, taken from the real CIFAR-10
+JPEGs in ../shared/data/cifar10-jpg when present (a small fixed subset), else generated; a tiny
+training run on it; and the small settings every training test uses."""
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,20 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_JPG = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg")
 CLASSES = ("airplane", "automobile", "cat", "ship")
+# A training run small enough for a test: batch 8, 32-wide projector and predictor heads, on the CPU.
+TINY = ["--batch-size", "8", "--hidden-dim", "32", "--proj-dim", "16", "--log-every", "2", "--device", "cpu"]
+
+
+def small_byol(**kw):
+    """A ResNet-18 BYOL with 32-wide heads, the same weights every call (seed 0)."""
+    from models import BYOL
+    torch.manual_seed(0)
+    return BYOL("resnet18", 32, hidden_dim=32, proj_dim=16, **kw)
+
+
+def run(*args):
+    """A script of the project as a user runs it (its stdout, stderr and exit code)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _generated(path, n, seed):
@@ -37,3 +54,12 @@ def image_root(tmp_path_factory):
         else:
             _generated(root / split, n, seed=0 if split == "train" else 1)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(image_root, tmp_path_factory):
+    """A finished 2-epoch run (8 steps of 8 images) on the tiny ImageFolder: its run directory."""
+    import train
+    out = str(tmp_path_factory.mktemp("runs") / "tiny")
+    train.main(["--data", str(image_root / "train"), "--subset", "32", "--epochs", "2", "--out", out, *TINY])
+    return out

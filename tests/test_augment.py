@@ -1,5 +1,4 @@
 """augment.py against torchvision.transforms.v2.functional, image by image, with per-image parameters."""
-import sys
 import warnings
 from pathlib import Path
 
@@ -7,10 +6,10 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import augment as A  # noqa: E402
+import augment as A
+from tests.conftest import CIFAR_JPG
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg" / "test"
+DATA = Path(CIFAR_JPG) / "test"
 N = 8
 
 
@@ -59,19 +58,12 @@ def test_color_ops_match_torchvision(x, ours, tv_op, lo, hi):
 
 def test_hue_on_ties_grey_and_every_hue_sextant():
     """Pixels whose max is shared by two channels or all three (grey), and one pixel in each sextant
-    of the hue circle, shifted by factors across [-0.5, 0.5]: every branch of the closed form."""
+    of the hue circle, shifted by factors across [-0.5, 0.5]: every branch of rgb_to_hsv and hsv_to_rgb."""
     px = [(1, 1, 0), (0, 1, 1), (1, 0, 1), (0.5, 0.5, 0.5), (0, 0, 0), (1, 1, 1), (0.8, 0.8, 0.2),
           (0.9, 0.1, 0.2), (0.9, 0.6, 0.1), (0.5, 0.9, 0.2), (0.1, 0.9, 0.7), (0.2, 0.3, 0.9), (0.7, 0.1, 0.9)]
     x = torch.tensor(px).T.reshape(1, 3, 1, len(px)).expand(11, 3, 1, len(px))
     f = torch.linspace(-0.5, 0.5, 11)
     torch.testing.assert_close(A.adjust_hue(x, f), _per_image(TF.adjust_hue, x, f), atol=1e-5, rtol=0)
-
-
-def test_select_is_exact():
-    """Augment selects per image with lerp_ and a 0/1 weight: it must equal torch.where bit for bit."""
-    x, y = torch.randn(6, 3, 4, 4) * 1e3, torch.rand(6, 3, 4, 4) * 1e-3
-    mask = torch.tensor([True, False, True, True, False, False])
-    assert torch.equal(A._select_(mask, y, x.clone()), torch.where(mask[:, None, None, None], y, x))
 
 
 def test_grayscale_solarize_flip_match_torchvision(x):
@@ -143,8 +135,8 @@ def test_color_jitter_equals_the_four_ops_in_each_images_own_order():
     x = A.to_float(_images(64)).repeat(4, 1, 1, 1)  # 256 images
     n, p = len(x), 0.8
     torch.manual_seed(3)
-    y = A.color_jitter_(x.clone(), p, **A.JITTER)
-    torch.manual_seed(3)  # the draws, in color_jitter_'s order
+    y = A.color_jitter(x, p, **A.JITTER)
+    torch.manual_seed(3)  # the draws, in color_jitter's order
     f = [A._uniform(n, 1 - s, 1 + s, "cpu") for s in (0.4, 0.4, 0.2)] + [A._uniform(n, -0.1, 0.1, "cpu")]
     order, apply = torch.rand(n, 4).argsort(1), A._coin(n, p, "cpu")
     assert len({tuple(o) for o in order.tolist()}) == 24  # every order occurs in the batch
@@ -162,10 +154,10 @@ def test_color_jitter_per_image_factors():
     # one grey-ish image, 4 identical copies with the same factors but different orders must differ
     torch.manual_seed(1)
     x = torch.rand(1, 3, 8, 8).expand(64, 3, 8, 8)
-    y = A.color_jitter_(x.clone(), 1.0, **A.JITTER)
+    y = A.color_jitter(x.clone(), 1.0, **A.JITTER)
     assert not torch.equal(y, x)
     assert y.unique(dim=0).shape[0] == 64  # per-image factors and orders
-    assert torch.equal(A.color_jitter_(x.clone(), 0.0, **A.JITTER), x)  # p=0: untouched
+    assert torch.equal(A.color_jitter(x.clone(), 0.0, **A.JITTER), x)  # p=0: untouched
 
 
 def test_augment_views():
@@ -228,3 +220,11 @@ def test_normalize_and_crop_flip():
     assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     torch.manual_seed(0)
     assert torch.equal(A.crop_flip(images, 32), out)
+
+
+def test_hsv_round_trip_and_hue_shift_by_a_whole_turn(x):
+    """HSV -> RGB undoes RGB -> HSV (a wrong sextant or channel offset would not), and the hue is
+    circular: shifting by +0.5 then by -0.5 gives the image back."""
+    torch.testing.assert_close(A.hsv_to_rgb(A.rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
+    half = torch.full((len(x),), 0.5)
+    torch.testing.assert_close(A.adjust_hue(A.adjust_hue(x, half), -half), x, atol=1e-5, rtol=0)

@@ -1,11 +1,19 @@
-"""Schedules, the EMA target, LARS and the networks."""
+"""train.py: the schedules, LARS, the online probe and the monitors, and whole training runs (logs,
+checkpoints, Ctrl-C and resume, the host syncs of the loop)."""
+import json
 import math
+import os
+import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
-from models import BYOL, resnet
+import test as evaluate
+import train
+from models import BYOL
+from tests.conftest import TINY, run, small_byol
 from train import LARS, lr_at, param_groups, tau_at
 
 
@@ -27,45 +35,10 @@ def test_lr_warmup_then_cosine():
     assert lr_at(10, 100, 0, peak) == pytest.approx(peak * (1 + math.cos(math.pi * 0.1)) / 2)
 
 
-def small_byol(**kw):
-    torch.manual_seed(0)
-    return BYOL("resnet18", 32, hidden_dim=32, proj_dim=16, **kw)
-
-
-def test_target_gets_no_gradient_and_moves_only_by_ema():
-    model = small_byol()
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    before = [p.clone() for p in model.target.parameters()]
-    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    loss, y, z = model(x1, x2)
-    loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.target.parameters())
-    assert all(p.grad is not None for p in model.predictor.parameters())
-    opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.target.parameters())), \
-        "the optimizer step changed the target"
-    online = [p.detach().clone() for p in model.online.parameters()]
-    dist = sum((a - b).norm() for a, b in zip(before, online))
-    tau = 0.9
-    model.update_target(tau)
-    for old, new, theta in zip(before, model.target.parameters(), online):
-        torch.testing.assert_close(new, tau * old + (1 - tau) * theta)
-    assert sum((a - b).norm() for a, b in zip(model.target.parameters(), online)) < dist
-    model.update_target(0.0)  # tau = 0: the target becomes the online network
-    assert all(torch.equal(a, b) for a, b in zip(model.target.parameters(), model.online.parameters()))
-
-
-@pytest.mark.parametrize("joint", [False, True])
-def test_forward_shapes_and_views_are_not_mixed_up(joint):
-    model = small_byol(joint_views=joint).train()
-    loss, y, z = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
-    assert loss.ndim == 0 and 0 <= loss.item() <= 8
-    assert y.shape == (4, 512) and z.shape == (4, 16) and not y.requires_grad
-
-
-def test_no_predictor_ablation_has_no_predictor_parameters():
-    assert not list(small_byol(predictor=False).predictor.parameters())
+def test_tau_ablation_settings():
+    assert all(train.tau_at(k, 100, 1.0) == 1.0 for k in range(101))       # target stays random
+    assert all(train.tau_at(k, 100, 0.0, "constant") == 0.0 for k in range(101))  # target = online
+    assert train.tau_at(50, 100, 0.0) == pytest.approx(0.5)                # the cosine would not be
 
 
 def test_param_groups_exclude_biases_and_batchnorm():
@@ -101,27 +74,178 @@ def test_lars_step_matches_formula():
     torch.testing.assert_close(w.detach(), w1 - 0.5 * (0.9 * trust * u + 0.02 * w1.norm() / u2.norm() * u2))
 
 
-def test_encoder_is_a_plain_torchvision_resnet():
-    encoder, dim = resnet("resnet18", 32)
+def test_probe_never_sends_gradients_into_the_encoder():
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
+    probe = torch.nn.Linear(8, 3)
+    opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
+    y = encoder(torch.randn(6, 12))                                  # still attached to the encoder
+    before = probe.weight.detach().clone()
+    correct, labelled = train.probe_update(probe, opt, y, torch.tensor([0, 1, 2, -1, 0, -1]))
+    assert all(p.grad is None for p in encoder.parameters()), "the probe's loss reached the encoder"
+    assert not torch.equal(probe.weight, before) and labelled.item() == 4 and 0 <= correct.item() <= 4
+
+
+def test_probe_step_leaves_byol_gradients_and_weights_unchanged():
+    """byol_update then probe_update gives the encoder the same gradients and weights as byol_update alone."""
+    def step(with_probe):
+        torch.manual_seed(0)
+        model = BYOL("resnet18", 32, hidden_dim=32, proj_dim=16).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = torch.nn.Linear(512, 4)
+        views = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)           # small images: a fast test
+        _, y1, _ = train.byol_update(model, model, opt, *views, lr=0.1, tau=0.99)
+        if with_probe:
+            train.probe_update(probe, torch.optim.SGD(probe.parameters(), lr=0.1), y1, torch.tensor([0, 1, 2, 3]))
+        return model.online.encoder
+    a, b = step(False), step(True)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad) and torch.equal(p, q), name
+
+
+def test_probe_ignores_unlabelled_images():
+    torch.manual_seed(0)
+    y, labels = torch.randn(8, 5), torch.tensor([0, 1, -1, -1, 1, 0, -1, 1])
+    grads = []
+    for y_, l_ in ((y, labels), (y[labels >= 0], labels[labels >= 0])):     # with and without the -1s
+        probe = torch.nn.Linear(5, 2)
+        torch.nn.init.constant_(probe.weight, 0.1)
+        torch.nn.init.zeros_(probe.bias)
+        train.probe_update(probe, torch.optim.SGD(probe.parameters(), lr=0.0), y_, l_)
+        grads.append(probe.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    probe = torch.nn.Linear(5, 2)
+    w = probe.weight.detach().clone()
+    _, labelled = train.probe_update(probe, torch.optim.SGD(probe.parameters(), lr=0.1), y, torch.full((8,), -1))
+    assert labelled.item() == 0 and torch.equal(probe.weight, w)          # nothing to learn, no NaN
+
+
+def test_collapse_monitor_reads_zero_when_collapsed_and_one_over_sqrt_d_when_spread():
+    torch.manual_seed(0)
+    same = torch.randn(1, 256).expand(512, 256)
+    assert train.z_std(same).item() == pytest.approx(0, abs=1e-6)
+    spread = F.normalize(torch.randn(512, 256), dim=1)
+    assert train.z_std(spread).item() == pytest.approx(1 / 16, rel=0.05)
+    assert train.z_std(7 * spread).item() == pytest.approx(train.z_std(spread).item())  # of z / ||z||
+    assert train.collapse_warning(0.05, 0.01, 256, 1, 5) is None
+    warning = train.collapse_warning(0.002, 0.01, 256, 1, 5)
+    assert all(flag in warning for flag in ("--tau-base", "--base-lr", "--no-predictor"))
+
+
+def test_monitor_accumulates_on_device_and_reads_means():
+    m = train.Monitor(torch.device("cpu"), batch_size=64)
+    collapsed, spread = torch.ones(64, 16), F.normalize(torch.randn(64, 16), dim=1)
+    m.add(torch.tensor(2.0), collapsed, (torch.tensor(3), torch.tensor(4)))
+    m.add(torch.tensor(4.0), spread, (torch.tensor(1), torch.tensor(4)))
+    steps, r = m.read(end_of_epoch=False)
+    assert steps == 2 and r["images_per_s"] > 0
+    assert r["loss"] == pytest.approx(3.0) and r["z_std_max"] == pytest.approx(train.z_std(spread).item())
+    assert r["z_std"] == pytest.approx(train.z_std(spread).item() / 2) and "probe_top1" not in r
+    m.add(torch.tensor(1.0), spread, (torch.tensor(0), torch.tensor(0)))
+    steps, r = m.read(end_of_epoch=True)
+    assert steps == 1 and r["loss"] == pytest.approx(1.0) and r["probe_top1"] == pytest.approx(4 / 8)   # over the epoch
+
+
+def test_train_writes_checkpoint_encoder_and_log(trained):
+    assert {"checkpoint.pt", "encoder.pt", "log.jsonl", "config.json"} <= set(os.listdir(trained))
+    log = [json.loads(line) for line in open(os.path.join(trained, "log.jsonl"))]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    assert {"epoch", "step", "loss", "lr", "tau", "images_per_s", "z_std"} <= log[0].keys()
+    assert "probe_top1" in log[1] and "knn_top1" in log[-1]      # every epoch; at the end
+    assert all(0 <= r["loss"] <= 8 for r in log) and log[-1]["tau"] > log[0]["tau"]
+    ckpt = torch.load(os.path.join(trained, "checkpoint.pt"), weights_only=False)
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["config"]["batch_size"] == 8
+    # The README's recipe for taking the encoder elsewhere.
     net = torchvision.models.resnet18()
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = torch.nn.Identity()
-    net.fc = torch.nn.Identity()
-    net.load_state_dict(encoder.state_dict(), strict=True)
-    assert dim == 512 and net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
-    assert resnet("resnet18", 96)[0].conv1.kernel_size == (7, 7)  # ImageNet stem above 64 px
+    net.maxpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
+    net.load_state_dict(torch.load(os.path.join(trained, "encoder.pt")), strict=True)
+    online = {k[len("encoder."):]: v for k, v in ckpt["online"].items() if k.startswith("encoder.")}
+    assert all(torch.equal(v, online[k]) for k, v in net.state_dict().items())
 
 
-def test_imagenet_stem_at_32px_is_plain_torchvision_resnet18():
-    """--stem imagenet (the CPU proxy): a 32 px image goes through torchvision's own 7x7/2 conv and
-    max-pool, so the encoder loads strictly into resnet18() with only fc replaced."""
-    encoder, dim = resnet("resnet18", 32, stem="imagenet")
+def test_training_logs_the_monitors_and_warns_once_on_collapse(image_root, tmp_path, capsys):
+    """A tiny run (2 epochs of 2 steps) whose collapse threshold no z_std can reach: the warning is
+    printed once, not at every log line; the log holds every monitor."""
+    out = train.main(["--data", str(image_root / "train"), "--subset", "16", "--epochs", "2",
+                      "--collapse-z-std", "1", "--out", str(tmp_path / "run"), *TINY])
+    assert capsys.readouterr().out.count("the representation is collapsing") == 1
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [2, 4] and all(0 < r["z_std"] <= r["z_std_max"] < 1 for r in log)
+    assert all(0 <= r["probe_top1"] <= 1 for r in log) and 0 <= log[-1]["knn_top1"] <= 1
+    assert "knn_top1" not in log[0]                                       # --knn-every 10: at the end only
+
+
+def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch saves a checkpoint; --resume then ends on the same weights as a run that
+    was never stopped (same data order, same augmentations, same optimizer state)."""
+    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "2", *TINY]
+    straight = train.main([*args, "--out", str(tmp_path / "straight")])
+
+    calls = []
+    augment = train.Augment.__call__
+
+    def interrupt_on_third_batch(self, x):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        return augment(self, x)
+    monkeypatch.setattr(train.Augment, "__call__", interrupt_on_third_batch)
+    with pytest.raises(SystemExit, match="Interrupted at step 3/8"):
+        train.main([*args, "--out", str(tmp_path / "stopped")])
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(train.Augment, "__call__", augment)
+    train.main(["--resume", str(tmp_path / "stopped")])
+
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
+    b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert b["step"] == a["step"] == 8
+    for part in ("online", "target", "predictor", "probe"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k} differs after resume"
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "stopped" / "log.jsonl")]
+    assert steps == [2, 3, 4, 6, 8]
+
+
+def test_batch_size_too_small_for_batchnorm(image_root):
+    r = run("train.py", "--data", str(image_root / "train"), "--batch-size", "1", "--device", "cpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "BatchNorm" in r.stderr
+
+
+def test_imagenet_stem_run_trains_saves_and_evaluates(image_root, tmp_path):
+    """--stem imagenet goes into config.json; encoder.pt loads into a plain torchvision resnet18, and
+    test.py rebuilds the same stem from the run (a CIFAR-stem encoder would not load), and refuses
+    --stem cifar with a clear error."""
+    out = str(tmp_path / "proxy")
+    train.main(["--data", str(image_root / "train"), "--subset", "16", "--epochs", "1", "--stem", "imagenet",
+                "--knn-every", "0", "--out", out, *TINY])
+    assert json.load(open(os.path.join(out, "config.json")))["stem"] == "imagenet"
     net = torchvision.models.resnet18()
     net.fc = torch.nn.Identity()
-    net.load_state_dict(encoder.state_dict(), strict=True)
-    x = torch.randn(2, 3, 32, 32)
-    net.eval(), encoder.eval()
-    torch.testing.assert_close(encoder(x), net(x))
-    assert isinstance(encoder.maxpool, torch.nn.MaxPool2d) and encoder.conv1.stride == (2, 2)
-    with pytest.raises(ValueError, match="stem"):
-        resnet("resnet18", 32, stem="tiny")
+    net.load_state_dict(torch.load(os.path.join(out, "encoder.pt")), strict=True)
+    result = evaluate.main([out, "--data", str(image_root), "--epochs", "1", "--device", "cpu"])
+    assert 0 <= result["knn_top1"] <= 1
+    r = run("test.py", out, "--stem", "cifar", "--data", str(image_root), "--device", "cpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "stem" in r.stderr
+
+
+def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
+    """The loop reads tensors on the host only at logging intervals (and at the epoch's end): the same
+    data as 3 steps of 16 and as 6 steps of 8, logged once, must read the same number of values. A
+    .item(), float(t) or `if t:` added to every step would read 3 more in the second run."""
+    reads = []
+    for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for batch in (16, 8):
+        reads.clear()
+        train.main(["--data", str(image_root / "train"), "--subset", "48", "--epochs", "1", "--batch-size", str(batch),
+                    "--hidden-dim", "32", "--proj-dim", "16", "--log-every", "100", "--device", "cpu",
+                    "--out", str(tmp_path / f"b{batch}")])
+        counts.append(len(reads))
+    assert counts[0] == counts[1] and counts[0] > 0  # > 0: the counter saw the logging's reads

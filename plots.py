@@ -1,0 +1,105 @@
+"""The README's pictures, drawn in one place (needs matplotlib):
+
+    python plots.py views [--data DIR]                 # README.assets/views.png: 8 images, their two views
+    python plots.py curves runs/<name> [--random-knn X]  # README.assets/curves.png from the run's log.jsonl
+"""
+import argparse
+import math
+import os
+
+import torch
+
+import data
+from augment import CIFAR10_MEAN, CIFAR10_STD, Augment, to_float
+from runs import cache_dir, newest_run, read_config, read_log
+
+ASSETS = "README.assets"
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: the pictures need matplotlib: pip install matplotlib")
+    return plt
+
+
+def draw_views(root=data.DEFAULT_ROOT, out=os.path.join(ASSETS, "views.png")):
+    """Three rows: 8 training images (a fixed subset), their view 1 and their view 2 (seed 0)."""
+    plt = pyplot()
+    try:
+        images, _ = data.load(root, "cifar10", "train", 32, subset=8, seed=0, cache=cache_dir())
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    torch.manual_seed(0)
+    v1, v2 = Augment(32)(images)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    rows = [to_float(images), v1 * std + mean, v2 * std + mean]
+    fig, axes = plt.subplots(3, len(images), figsize=(len(images), 3.3))
+    for r, (name, row) in enumerate(zip(["image", "view1", "view2"], rows)):
+        axes[r, 0].set_ylabel(name)
+        for c, img in enumerate(row):
+            axes[r, c].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+CURVES = (("loss", "BYOL loss"), ("knn_top1", "kNN top-1 (test split)"),
+          ("probe_top1", "online probe top-1 (train batches)"), ("z_std", "z_std: collapse monitor"),
+          ("lr", "learning rate"), ("tau", "tau: target EMA rate"))
+
+
+def draw_curves(run, out=os.path.join(ASSETS, "curves.png"), random_knn=None):
+    """Draws loss, kNN accuracy, online-probe accuracy, z_std, lr and tau against epoch from one run's
+    log.jsonl; a key missing from some lines (kNN and probe are logged less often) is drawn where
+    present. random_knn: the random encoder's kNN top-1 measured the same way, drawn as a dashed line."""
+    plt = pyplot()
+    path = os.path.join(run, "log.jsonl") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no log at {path}; pass a run directory such as runs/<name>")
+    records = read_log(path)
+    cfg = read_config(os.path.dirname(path))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and "epoch" in r]
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        if key == "knn_top1" and random_knn is not None:
+            ax.axhline(random_knn, color="grey", ls="--", label="random encoder")
+            ax.legend(fontsize=8)
+        if key == "z_std":
+            ax.axhline(1 / math.sqrt(cfg.get("proj_dim", 256)), color="green", ls="--", label="1/sqrt(d): healthy")
+            ax.axhline(cfg.get("collapse_z_std", 0.01), color="red", ls=":", label="collapse warning")
+            ax.legend(fontsize=8)
+    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("picture", choices=["views", "curves"])
+    p.add_argument("run", nargs="?", help="curves: a run directory or its log.jsonl (default: newest in runs/)")
+    p.add_argument("--data", default=data.DEFAULT_ROOT, help="views: CIFAR-10 download folder or an ImageFolder")
+    p.add_argument("--random-knn", type=float, help="curves: the random encoder's kNN top-1, as a dashed line")
+    args = p.parse_args(argv)
+    if args.picture == "views":
+        print(f"wrote {draw_views(args.data)}")
+    else:
+        print(f"wrote {draw_curves(args.run or newest_run(), random_knn=args.random_knn)}")
+
+
+if __name__ == "__main__":
+    main()
