@@ -20,8 +20,6 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
      channels_last  channels_last model and views, no autocast
      bf16           bf16 autocast + channels_last: train.py's step on CUDA (n/a on CPU)
      compile        torch.compile(model) as forward, else as train.py on the device (with --compile)
-     joint_views    BYOL(joint_views=True): one 2N forward, BatchNorm statistics shared by the views;
-                    else as train.py on the device. The paper runs each view separately (the default).
 3. End to end, images/s: index a batch from the on-device uint8 set, aug(x), byol_update, as train.py's
    loop does (without its probe and monitors), timed in turn with the bare step of the same variant and
    model; data_path_overhead = 1 - bare step time / end-to-end time, the share of each step's time that
@@ -53,7 +51,7 @@ from models import BYOL, prepare
 from runs import cache_dir, pick_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("fp32", "channels_last", "bf16", "compile", "joint_views")
+VARIANTS = ("fp32", "channels_last", "bf16", "compile")
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; first match wins.
 PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "RTX A6000": 155, "4090": 165}
 
@@ -213,8 +211,7 @@ def bench_augment(images, aug, args, device):
 def build(variant, args, device):
     """(model, forward, optimizer) for one variant, fresh; models.prepare sets its precision and
     memory format as train.py does, except that fp32 and channels_last force autocast off."""
-    model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"],
-                 joint_views=variant == "joint_views").to(device)
+    model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"]).to(device)
     if variant in ("fp32", "channels_last"):
         forward = prepare(model, device, channels_last=variant == "channels_last", bf16=False)
     else:

@@ -1,5 +1,4 @@
 """BYOL's loss (Grill et al. 2020, arXiv 2006.07733, Sec. 3.1)."""
-import torch
 import torch.nn.functional as F
 
 

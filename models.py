@@ -52,34 +52,25 @@ class BYOL(nn.Module):
                 moves only by the EMA in update_target().
     predictor = q_theta, online only. The asymmetry it creates is what prevents collapse (Table 5);
                 predictor=False removes it, for that ablation.
-    joint_views: push both views through each network as one batch of 2N. Faster, but BatchNorm then
-                normalises with statistics shared by the two views; the paper (and solo-learn) run
-                each view separately, which is the default.
+    Each view goes through each network on its own, as in the paper, so BatchNorm never normalises
+    one view with the other's statistics.
     """
 
     def __init__(self, arch="resnet18", image_size=32, hidden_dim=4096, proj_dim=256,
-                 predictor=True, joint_views=False, stem=None):
+                 predictor=True, stem=None):
         super().__init__()
         encoder, dim = resnet(arch, image_size, stem)
         self.online = nn.Sequential(OrderedDict(
             encoder=encoder, projector=mlp(dim, hidden_dim, proj_dim)))
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim) if predictor else nn.Identity()
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.joint_views = joint_views
 
     def forward(self, view1, view2):
         """Returns the loss L^BYOL (Sec. 3.1), and for the monitors the online representation y
         and projection z of view 1, both detached."""
-        if self.joint_views:
-            y, z, q = self._online(torch.cat([view1, view2]))              # 2N x ...
-            with torch.no_grad():
-                z_t = self.target(torch.cat([view1, view2]))
-            (q1, q2), (z1_t, z2_t) = q.chunk(2), z_t.chunk(2)
-            y1, z1 = y.chunk(2)[0], z.chunk(2)[0]
-        else:
-            (y1, z1, q1), (_, _, q2) = self._online(view1), self._online(view2)
-            with torch.no_grad():
-                z1_t, z2_t = self.target(view1), self.target(view2)        # N x 256 each
+        (y1, z1, q1), (_, _, q2) = self._online(view1), self._online(view2)
+        with torch.no_grad():
+            z1_t, z2_t = self.target(view1), self.target(view2)        # N x 256 each
         return byol_loss(q1, q2, z1_t, z2_t), y1.detach(), z1.detach()
 
     def _online(self, x):

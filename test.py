@@ -37,7 +37,8 @@ PUBLISHED = {
 
 def load_encoder(path, arch=None, image_size=None, stem=None):
     """Loads runs/<name>/encoder.pt (or the online encoder of checkpoint.pt) strictly: every key of
-    the expected torchvision ResNet, and nothing else. Returns (encoder, config)."""
+    the expected torchvision ResNet, and nothing else. Returns (encoder, the run's config with the
+    arch, image size and stem used, the run directory)."""
     run_dir = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isdir(path):
         path = os.path.join(path, "encoder.pt")

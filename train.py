@@ -46,7 +46,6 @@ DEFAULTS = dict(
     tau_base=0.99,         # EMA start, cosine to 1; solo-learn (paper: 0.996 on ImageNet)
     tau_schedule="cosine", # cosine (Sec. 3.3) | constant: tau_base throughout (Table 5a's tau = 0 row)
     blur=None,             # Gaussian blur; None = off at 32 px (solo-learn's CIFAR recipe), on above
-    joint_views=False,     # one 2N forward pass (BN shared by the views) instead of the paper's two
     seed=0,
     device=None,           # cuda when available, else cpu
     compile=False,         # torch.compile the model
@@ -368,7 +367,7 @@ def main(argv=None):
     # Model: online, target and predictor (Sec. 3.1); precision and memory format decided here, once.
     aug = Augment(cfg["image_size"], blur=cfg["blur"])
     model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
-                 cfg["joint_views"], cfg["stem"]).to(device)
+                 cfg["stem"]).to(device)
     forward = prepare(model, device, compile=cfg["compile"])
     optimizer = make_optimizer(model, cfg)
     probe, probe_optimizer = make_probe(model.online.projector[0].in_features, int(labels.max()) + 1, cfg, device)
