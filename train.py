@@ -85,8 +85,8 @@ class LARS(torch.optim.Optimizer):
         u = g + wd * w,   trust = eta * ||w|| / ||u||  (1 where either norm is 0),
         v <- m * v + trust * u,   w <- w - lr * v.
 
-    The momentum is torch.optim.SGD's form; DeepMind's code puts lr inside v, which differs only
-    while lr changes from step to step.
+    The same form as DeepMind's optimizers.py: the momentum buffer holds trust * u and lr scales it
+    afterwards. (solo-learn's CIFAR recipe also clips trust at lr; that is not done here.)
 
     Groups with lars=False (biases and BatchNorm parameters) skip both the weight decay and the
     trust ratio: plain SGD with momentum. All tensors of a group are updated with foreach ops.
