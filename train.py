@@ -42,6 +42,7 @@ DEFAULTS = dict(
     weight_decay=1e-5,     # solo-learn (paper: 1.5e-6)
     momentum=0.9,          # paper and solo-learn
     eta=0.02,              # LARS trust coefficient; solo-learn (paper: 1e-3)
+    lars_clip=True,        # solo-learn's clip_lr: steps of min(trust, lr); --no-lars-clip: the paper's LARS
     warmup_epochs=10,      # linear warm-up, then cosine decay (paper); capped at a tenth of the run
     tau_base=0.99,         # EMA start, cosine to 1; solo-learn (paper: 0.996 on ImageNet)
     tau_schedule="cosine", # cosine (Sec. 3.3) | constant: tau_base throughout (Table 5a's tau = 0 row)
@@ -80,20 +81,23 @@ def tau_at(step, total_steps, tau_base, schedule="cosine"):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as the paper uses it (Appendix C; DeepMind's byol/utils/optimizers.py):
+    """LARS (You et al. 2017) in its two BYOL forms. With u = g + wd * w and m the momentum:
 
-        u = g + wd * w,   trust = eta * ||w|| / ||u||  (1 where either norm is 0),
-        v <- m * v + trust * u,   w <- w - lr * v.
+    clip=True, solo-learn's CIFAR recipe (solo/utils/lars.py with clip_lars_lr, the default here):
+        trust = eta * ||w|| / (||g|| + wd * ||w|| + eps),   v <- m * v + min(trust / lr, 1) * u,
+        w <- w - lr * v,   so each tensor steps by min(trust, lr) times its update.
+    clip=False, the paper's (Appendix C; DeepMind's byol/utils/optimizers.py), --no-lars-clip:
+        trust = eta * ||w|| / ||u||,   v <- m * v + trust * u,   w <- w - lr * v.
 
-    The same form as DeepMind's optimizers.py: the momentum buffer holds trust * u and lr scales it
-    afterwards. (solo-learn's CIFAR recipe also clips trust at lr; that is not done here.)
-
-    Groups with lars=False (biases and BatchNorm parameters) skip both the weight decay and the
-    trust ratio: plain SGD with momentum. All tensors of a group are updated with foreach ops.
+    Where ||w|| or the gradient's norm is 0, the update is left unscaled (and, clipped, without weight
+    decay, as solo-learn). Groups with lars=False (biases and BatchNorm parameters, Appendix C) skip
+    both the weight decay and the trust ratio: plain SGD with momentum. Every tensor of a group is
+    updated at once with foreach ops, the per-tensor factors staying on the device.
     """
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=1e-3):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=1e-3, clip=True, eps=1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True,
+                                      clip=clip, eps=eps))
 
     @torch.no_grad()
     def step(self):
@@ -104,17 +108,24 @@ class LARS(torch.optim.Optimizer):
             for p in w:
                 if "v" not in self.state[p]:
                     self.state[p]["v"] = torch.zeros_like(p)
-            v = [self.state[p]["v"] for p in w]
-            u = [p.grad for p in w]
+            v, g = [self.state[p]["v"] for p in w], [p.grad for p in w]
+            lr, wd, eta = group["lr"], group["weight_decay"], group["eta"]
             torch._foreach_mul_(v, group["momentum"])
-            if group["lars"]:
-                u = torch._foreach_add(u, w, alpha=group["weight_decay"])
-                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
-                trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
-                torch._foreach_addcmul_(v, u, list(trust.unbind()))  # v <- m v + trust u, trust on the device
+            if not group["lars"]:
+                torch._foreach_add_(v, g)                                  # v <- m v + g
+            elif group.get("clip", False):                                # (runs saved before clip existed)
+                w_norm, g_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(g))
+                ok = (w_norm > 0) & (g_norm > 0)
+                trust = eta * w_norm / (g_norm + wd * w_norm + group.get("eps", 1e-8))
+                scale = torch.where(ok, torch.clamp(trust / lr, max=1.0) if lr > 0 else 1.0, 1.0)
+                u = torch._foreach_add(g, torch._foreach_mul(w, list((wd * ok).unbind())))  # g + wd w where ok
+                torch._foreach_addcmul_(v, u, list(scale.unbind()))     # v <- m v + min(trust / lr, 1) u
             else:
-                torch._foreach_add_(v, u)
-            torch._foreach_add_(w, v, alpha=-group["lr"])
+                u = torch._foreach_add(g, w, alpha=wd)
+                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), eta * w_norm / u_norm, 1.0)
+                torch._foreach_addcmul_(v, u, list(trust.unbind()))     # v <- m v + trust u
+            torch._foreach_add_(w, v, alpha=-lr)                          # w <- w - lr v
 
 
 def param_groups(model, weight_decay):
@@ -128,7 +139,7 @@ def param_groups(model, weight_decay):
 def make_optimizer(model, cfg):
     groups = param_groups(model, cfg["weight_decay"])
     if cfg["optimizer"] == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg["momentum"], eta=cfg["eta"])
+        return LARS(groups, lr=0.0, momentum=cfg["momentum"], eta=cfg["eta"], clip=cfg["lars_clip"])
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg["momentum"])
     raise SystemExit(f"error: unknown --optimizer {cfg['optimizer']!r} (lars or sgd)")
@@ -254,7 +265,9 @@ def configure(argv):
     ckpt = None
     if resume:
         ckpt, path = load_checkpoint(resume)
-        cfg = {**DEFAULTS, **ckpt["config"], "device": None, **explicit, "out": os.path.dirname(path)}
+        # (a run saved before --lars-clip existed used the unclipped LARS)
+        cfg = {**DEFAULTS, "lars_clip": False, **ckpt["config"], "device": None, **explicit,
+               "out": os.path.dirname(path)}
     if cfg["batch_size"] < 2:
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
                          f"least 2 images per batch (the recipe uses 256)")

@@ -54,24 +54,69 @@ def test_param_groups_exclude_biases_and_batchnorm():
     assert not any(p is q for p in model.target.parameters() for q in adapted["params"] + excluded["params"])
 
 
-def test_lars_step_matches_formula():
-    w = torch.nn.Parameter(torch.randn(8, 4))
-    b = torch.nn.Parameter(torch.randn(8))
-    w.grad, b.grad = torch.randn(8, 4), torch.randn(8)
-    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
-    opt = LARS([dict(params=[w], weight_decay=0.1, lars=True), dict(params=[b], weight_decay=0.0, lars=False)],
-               lr=0.5, momentum=0.9, eta=0.02)
-    opt.step()
-    u = gw + 0.1 * w0
-    trust = 0.02 * w0.norm() / u.norm()
-    torch.testing.assert_close(w.detach(), w0 - 0.5 * trust * u)
-    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # excluded: no decay, no trust ratio
-    w1, gw2 = w.detach().clone(), torch.randn(8, 4)
-    b.grad, w.grad = gb.clone(), gw2.clone()
-    opt.step()  # momentum: v = 0.9 * gb + gb; v = 0.9 * trust u + trust2 u2 with the new trust ratio
-    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb - 0.5 * 1.9 * gb)
-    u2 = gw2 + 0.1 * w1
-    torch.testing.assert_close(w.detach(), w1 - 0.5 * (0.9 * trust * u + 0.02 * w1.norm() / u2.norm() * u2))
+def _lars_reference(params, grads, state, lr, wd, eta, m, clip, adapted, eps=1e-8):
+    """One LARS step, tensor by tensor, from the formulas (solo-learn's clipped form, or the paper's)."""
+    clipped = []
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if not adapted[i]:
+            u = g                                              # biases and BN: plain SGD, no decay
+        elif clip:
+            wn, gn = w.norm().item(), g.norm().item()
+            if wn > 0 and gn > 0:
+                trust = eta * wn / (gn + wd * wn + eps)
+                scale = min(trust / lr, 1.0) if lr > 0 else 1.0
+                clipped.append(lr > 0 and trust > lr)
+                u = scale * (g + wd * w)
+            else:
+                u = g
+        else:
+            u = g + wd * w
+            wn, un = w.norm().item(), u.norm().item()
+            u = (eta * wn / un if wn > 0 and un > 0 else 1.0) * u
+        state[i] = m * state[i] + u
+        params[i] = w - lr * state[i]
+    return clipped
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_lars_equals_a_per_tensor_reference_over_several_steps(clip):
+    """Five steps with a changing lr (0 at the first, as the warm-up starts): two adapted tensors whose
+    gradients differ 1000x in scale (so the clip is active on one and not the other), an adapted
+    tensor with a zero gradient, and an excluded bias."""
+    g = torch.Generator().manual_seed(0)
+    shapes, adapted = [(8, 4), (16, 3), (5, 5), (8,)], [True, True, True, False]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    opt = LARS([dict(params=ps[:3], weight_decay=0.1, lars=True), dict(params=ps[3:], weight_decay=0.0, lars=False)],
+               lr=0.0, momentum=0.9, eta=0.02, clip=clip)
+    ref, state, clipped = [p.detach().clone() for p in ps], [torch.zeros(s) for s in shapes], []
+    for lr in (0.0, 0.05, 0.2, 1.0, 0.5):
+        grads = [torch.randn(s, generator=g) * scale for s, scale in zip(shapes, (1.0, 1e-3, 0.0, 1.0))]
+        for p, grad in zip(ps, grads):
+            p.grad = grad.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        clipped += _lars_reference(ref, grads, state, lr, 0.1, 0.02, 0.9, clip, adapted)
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=1e-5)
+    if clip:
+        assert any(clipped) and not all(clipped)  # both regimes were exercised
+
+
+def test_lars_modes_differ_where_the_clip_binds():
+    """The clipped and the paper's LARS are not the same rule: one step at lr 0.1 on a tensor with a
+    small gradient (trust >> lr) moves 0.1 * u clipped, and trust * 0.1 * u unclipped."""
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    steps = {}
+    for clip in (True, False):
+        p = torch.nn.Parameter(w.detach().clone())
+        p.grad = torch.full((4, 4), 1e-3)
+        opt = LARS([dict(params=[p], weight_decay=0.0, lars=True)], lr=0.1, momentum=0.9, eta=0.02, clip=clip)
+        opt.step()
+        steps[clip] = (w - p).detach()
+    trust = 0.02 * 4 / (1e-3 * 4)                                           # ||w|| = 4, ||g|| = 4e-3
+    torch.testing.assert_close(steps[True], torch.full((4, 4), 0.1 * 1e-3))
+    torch.testing.assert_close(steps[False], torch.full((4, 4), 0.1 * trust * 1e-3))
 
 
 def test_probe_never_sends_gradients_into_the_encoder():
