@@ -51,7 +51,7 @@ DEFAULTS = dict(
     device=None,           # cuda when available, else cpu
     compile=False,         # torch.compile the model
     log_every=50,          # steps between log.jsonl lines (the only host syncs in the loop)
-    knn_every=10,          # epochs between kNN top-1 checks on the test split (and at the end); 0 = never
+    knn_every=10,          # epochs between test-split checks, kNN and online probe (and at the end); 0 = never
     test_subset=None,      # kNN queries: a fixed random subset of this many test images (default: all)
     probe_lr=0.1,          # online linear probe, its own SGD with momentum 0.9; solo-learn's classifier_lr
     collapse_z_std=0.01,   # warn when z_std stays below this for a whole log interval (healthy: 1/sqrt(proj_dim))
@@ -228,15 +228,19 @@ def collapse_warning(z_std_max, threshold, proj_dim, first_step, last_step):
             f"Table 5 row that collapses).")
 
 
-def knn_eval(encoder, images, labels, test, device):
-    """Weighted kNN top-1 (k = 200, t = 0.1; evaluation.py) of the online encoder in eval mode (BN
-    running statistics): the bank is the labelled training images in memory, the queries the test
-    split. Puts the encoder back in train mode."""
+def eval_on_test_split(encoder, probe, images, labels, test, device):
+    """The monitors on the test split, encoder in eval mode (BN running statistics): weighted kNN
+    top-1 (k = 200, t = 0.1; evaluation.py) with the labelled training images in memory as the bank,
+    and the online probe's top-1, the figure solo-learn publishes as "Acc@1 (online)". Puts the
+    encoder back in train mode."""
     known = labels >= 0
-    bank = features(encoder, images[known], device)
-    top1 = knn_accuracy(bank, labels[known], features(encoder, test[0], device), test[1])
+    bank, queries = features(encoder, images[known], device), features(encoder, test[0], device)
+    out = dict(knn_top1=knn_accuracy(bank, labels[known], queries, test[1]))
+    if probe is not None:
+        with torch.no_grad():
+            out["probe_test_top1"] = (probe(queries).argmax(1) == test[1]).float().mean().item()
     encoder.train()
-    return top1
+    return out
 
 
 def parse_args(argv):
@@ -414,7 +418,7 @@ def main(argv=None):
             record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau, **figures)
             epoch = step // steps_per_epoch
             if test and end_of_epoch and not stop and (epoch % cfg["knn_every"] == 0 or step == total_steps):
-                record["knn_top1"] = knn_eval(model.online.encoder, images, labels, test, device)
+                record.update(eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
             log.write(json.dumps(record) + "\n")
             log.flush()
             warning = collapse_warning(record["z_std_max"], cfg["collapse_z_std"], cfg["proj_dim"],
@@ -422,7 +426,8 @@ def main(argv=None):
             if warning and not warned:
                 tqdm.write(warning)
                 warned = True
-            shown.update({k: f"{record[k]:.4f}" for k in ("loss", "z_std", "probe_top1", "knn_top1") if k in record})
+            shown.update({k: f"{record[k]:.4f}" for k in ("loss", "z_std", "probe_top1", "knn_top1", "probe_test_top1")
+                          if k in record})
             bar.set_postfix(**shown, lr=f"{lr:.3g}", tau=f"{tau:.4f}")
         if end_of_epoch or stop:
             save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device)

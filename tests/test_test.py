@@ -46,3 +46,20 @@ def test_semi_supervised_finetunes_a_copy_and_reports_top1_top5(image_root):
                        "--epochs", "1", "--device", "cpu"])
     assert r["labels"] == 0.1 and r["n_labels"] == 8                      # 2 of each of the 4 classes
     assert 0 <= r["semi_top1"] <= r["semi_top5"] <= 1
+
+
+def test_published_figures_sit_beside_the_matching_figure_of_ours(tmp_path, capsys):
+    """solo-learn's 92.58% is its online classifier: it is set beside train.py's online probe on the
+    test split (the last one logged), lightly's kNN beside test.py's kNN, and the offline linear probe
+    is said to have no published twin."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.jsonl").write_text(json.dumps(dict(epoch=5, probe_test_top1=0.5, knn_top1=0.4)) + "\n"
+                                       + json.dumps(dict(epoch=10, probe_test_top1=0.75, knn_top1=0.6)) + "\n")
+    evaluate.compare(dict(top1=0.7, knn_top1=0.65, n_train=10, n_test=5), str(run_dir))
+    out = capsys.readouterr().out
+    assert "10 epochs trained" in out
+    online = next(line for line in out.splitlines() if "probe_test_top1" in line)
+    assert "75.00%" in online and "92.58%" in online and "online" in online
+    assert "65.00%" in next(line for line in out.splitlines() if "knn_top1" in line)
+    assert "no published like-for-like" in next(line for line in out.splitlines() if "top1 " in line and "70.00%" in line)

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import data
 import test as evaluate
 import train
-from models import BYOL
+from evaluation import features
+from models import BYOL, resnet
 from tests.conftest import TINY, run, small_byol
 from train import LARS, lr_at, param_groups, tau_at
 
@@ -294,3 +296,19 @@ def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
                     "--out", str(tmp_path / f"b{batch}")])
         counts.append(len(reads))
     assert counts[0] == counts[1] and counts[0] > 0  # > 0: the counter saw the logging's reads
+
+
+def test_online_probe_is_scored_on_the_test_split_beside_knn(trained, image_root, tmp_path):
+    """probe_test_top1 (solo-learn's "Acc@1 (online)") is the final probe on eval-mode features of the
+    test images: recomputed here from the checkpoint, it must match the logged figure."""
+    last = [json.loads(line) for line in open(os.path.join(trained, "log.jsonl"))][-1]
+    assert {"knn_top1", "probe_test_top1"} <= last.keys()
+    ckpt = torch.load(os.path.join(trained, "checkpoint.pt"), weights_only=False)
+    encoder = resnet("resnet18", 32)[0]
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in ckpt["online"].items() if k.startswith("encoder.")})
+    probe = torch.nn.Linear(512, 4)
+    probe.load_state_dict(ckpt["probe"])
+    x, y = data.load(str(image_root), split="test", cache=str(tmp_path))
+    with torch.no_grad():
+        accuracy = (probe(features(encoder, x, torch.device("cpu"))).argmax(1) == y).float().mean().item()
+    assert last["probe_test_top1"] == pytest.approx(accuracy)
