@@ -5,10 +5,12 @@
     python train.py --resume runs/<name>              # continue exactly where it stopped
 """
 import argparse
+import copy
 import json
 import math
 import os
 import signal
+import tempfile
 import time
 
 import torch
@@ -36,6 +38,7 @@ DEFAULTS = dict(
     proj_dim=256,          # projection size (paper Sec. 3.3)
     predictor=True,        # --no-predictor: the Table 5 ablation, which collapses
     epochs=1000,           # solo-learn (paper: 1000 on ImageNet)
+    minutes=None,          # instead of --epochs: as many epochs as fit in this many minutes of training here
     batch_size=256,        # solo-learn (paper: 4096 on 512 TPU cores)
     optimizer="lars",      # lars (paper) | sgd
     base_lr=1.0,           # lr = base_lr * batch_size / 256; solo-learn (paper: 0.2)
@@ -253,7 +256,8 @@ def parse_args(argv):
             p.add_argument(flag, action=argparse.BooleanOptionalAction,
                            help="default: off at 32 px, on above" if key == "blur" else f"default {value}")
         else:
-            kind = int if key in ("subset", "test_subset") else {int: int, float: float}.get(type(value), str)
+            kind = int if key in ("subset", "test_subset") else float if key == "minutes" else \
+                {int: int, float: float}.get(type(value), str)
             p.add_argument(flag, type=kind, help=f"default {value}", choices=CHOICES.get(key))
     p.add_argument("--resume", nargs="?", const="latest",
                    help="a run directory or checkpoint to continue (no value: the newest run in runs/)")
@@ -272,6 +276,9 @@ def configure(argv):
         # (a run saved before --lars-clip existed used the unclipped LARS)
         cfg = {**DEFAULTS, "lars_clip": False, **ckpt["config"], "device": None, **explicit,
                "out": os.path.dirname(path)}
+    if resume and "minutes" in explicit:
+        raise SystemExit("error: --minutes plans a new run's schedule; a resumed run keeps its own "
+                         "(--epochs N extends it)")
     if cfg["batch_size"] < 2:
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
                          f"least 2 images per batch (the recipe uses 256)")
@@ -324,7 +331,8 @@ def make_probe(dim, n_classes, cfg, device):
 
 
 def restore(ckpt, model, optimizer, probe, probe_optimizer, device):
-    """Loads a checkpoint's weights, optimizer, probe and RNG state. Returns (step, the epoch's data order)."""
+    """Loads a checkpoint's weights, optimizer, probe and RNG state. Returns (step, the epoch's data order,
+    the seconds of training so far)."""
     model.online.load_state_dict(ckpt["online"])
     model.target.load_state_dict(ckpt["target"])
     model.predictor.load_state_dict(ckpt["predictor"])
@@ -335,10 +343,10 @@ def restore(ckpt, model, optimizer, probe, probe_optimizer, device):
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return ckpt["step"], ckpt["perm"].to(device)
+    return ckpt["step"], ckpt["perm"].to(device), ckpt.get("seconds", 0.0)
 
 
-def save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device):
+def save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device, seconds=0.0):
     """checkpoint.pt (everything needed to resume exactly) and encoder.pt (the encoder alone, a plain
     torchvision ResNet state_dict: README, "Use the encoder"), each written atomically."""
     rng = dict(cpu=torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
@@ -347,7 +355,7 @@ def save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, pe
                      probe=probe.state_dict() if probe else None,
                      probe_optimizer=probe_optimizer.state_dict() if probe else None,
                      epoch=step // (len(perm) // cfg["batch_size"]),  # perm: one epoch's data order
-                     step=step, perm=perm.cpu(), rng=rng,
+                     step=step, perm=perm.cpu(), rng=rng, seconds=seconds,
                      config=cfg), os.path.join(out, "checkpoint.pt"))
     save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
 
@@ -365,6 +373,55 @@ def stop_on_sigint():
     return stop
 
 
+def fit_epochs(minutes, steps_per_epoch, knn_every, step_s, check_s, save_s):
+    """The most epochs (at least 1) whose steps, checkpoints (one per epoch) and test-split checks
+    (every knn_every epochs and at the end) fit in `minutes`. Returns (epochs, their planned seconds)."""
+    def cost(epochs):
+        checks = -(-epochs // knn_every) if knn_every and check_s else 0  # ceil: every knn_every, and the end
+        return epochs * (steps_per_epoch * step_s + save_s) + checks * check_s
+    epochs = 1
+    while cost(epochs + 1) <= 60 * minutes:
+        epochs += 1
+    return epochs, cost(epochs)
+
+
+def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test, device):
+    """Seconds per training step (data path, Algorithm 1 and the monitors, timed after three warm-up
+    steps, so after compiling), per test-split check and per checkpoint, on the real model with lr 0.
+    The model, optimizer, probe and RNG are then put back exactly as they were."""
+    saved = copy.deepcopy([m.state_dict() for m in (model, optimizer, probe, probe_optimizer) if m is not None])
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    monitor = Monitor(device, cfg["batch_size"])
+
+    def step():
+        batch = torch.randint(len(images), (cfg["batch_size"],), device=device)
+        loss, y1, z1 = byol_update(model, forward, optimizer, *aug(images[batch]), 0.0, cfg["tau_base"])
+        monitor.add(loss, z1, probe_update(probe, probe_optimizer, y1, labels[batch]) if probe else None)
+
+    def seconds(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+    for _ in range(3):
+        step()
+    steps, elapsed = 0, 0.0
+    while steps < 3 or elapsed < 1.0:  # at least 3 steps and a second
+        elapsed, steps = elapsed + seconds(step), steps + 1
+    check_s = seconds(lambda: eval_on_test_split(model.online.encoder, probe, images, labels, test, device)) if test else 0.0
+    with tempfile.TemporaryDirectory(dir=cfg["out"]) as scratch:
+        save_s = seconds(lambda: save_checkpoint(scratch, cfg, model, optimizer, probe, probe_optimizer, 0,
+                                                 torch.arange(len(images)), device))
+    for m, state in zip([m for m in (model, optimizer, probe, probe_optimizer) if m is not None], saved):
+        m.load_state_dict(state)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
+    return elapsed / steps, check_s, save_s
+
+
 def main(argv=None):
     cfg, ckpt = configure(argv)
     device = pick_device(cfg["device"])
@@ -373,12 +430,9 @@ def main(argv=None):
     source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) else cfg["dataset"]
     out = cfg["out"] = cfg["out"] or os.path.join(RUNS, f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
 
-    # Data and schedule: one step per batch, the warm-up capped at a tenth of the run (Sec. 3.3).
+    # Data: the training set on the device as uint8; the test split for the monitors.
     images, labels, test = load_data(cfg, device)
     steps_per_epoch = len(images) // cfg["batch_size"]
-    total_steps = cfg["epochs"] * steps_per_epoch
-    warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
-    peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256                  # Sec. 3.3, linear scaling
     os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves no empty run
 
     # Model: online, target and predictor (Sec. 3.1); precision and memory format decided here, once.
@@ -388,7 +442,20 @@ def main(argv=None):
     forward = prepare(model, device, compile=cfg["compile"])
     optimizer = make_optimizer(model, cfg)
     probe, probe_optimizer = make_probe(model.online.projector[0].in_features, int(labels.max()) + 1, cfg, device)
-    step, perm = restore(ckpt, model, optimizer, probe, probe_optimizer, device) if ckpt else (0, None)
+    if cfg["minutes"]:  # --minutes: time this machine first, then fit the whole schedule in the budget
+        step_s, check_s, save_s = time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug,
+                                             images, labels, test, device)
+        cfg["epochs"], planned = fit_epochs(cfg["minutes"], steps_per_epoch, cfg["knn_every"], step_s, check_s, save_s)
+        cfg["planned_minutes"] = planned / 60
+        print(f"--minutes {cfg['minutes']:g}: a step takes {step_s:.3g} s here, a test-split check {check_s:.3g} s "
+              f"and a checkpoint {save_s:.3g} s, so {cfg['epochs']} epochs ({cfg['epochs'] * steps_per_epoch} steps, "
+              f"warm-up and cosine schedules included) are planned to take {planned / 60:.1f} min")
+
+    # Schedule (Sec. 3.3): one step per batch, linear lr scaling, the warm-up capped at a tenth of the run.
+    total_steps = cfg["epochs"] * steps_per_epoch
+    warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
+    peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
+    step, perm, seconds = restore(ckpt, model, optimizer, probe, probe_optimizer, device) if ckpt else (0, None, 0.0)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
@@ -397,6 +464,7 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True)
     stop = stop_on_sigint()
     model.train()
+    t_start = time.perf_counter() - seconds                              # seconds of training, resumes included
     # Algorithm 1, one iteration per step k.
     while step < total_steps and not stop:
         i = step % steps_per_epoch
@@ -415,7 +483,8 @@ def main(argv=None):
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if step % cfg["log_every"] == 0 or end_of_epoch or stop:         # the loop's only host syncs
             steps, figures = monitor.read(end_of_epoch)
-            record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau, **figures)
+            record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau, **figures,
+                          minutes=(time.perf_counter() - t_start) / 60)
             epoch = step // steps_per_epoch
             if test and end_of_epoch and not stop and (epoch % cfg["knn_every"] == 0 or step == total_steps):
                 record.update(eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
@@ -430,14 +499,18 @@ def main(argv=None):
                           if k in record})
             bar.set_postfix(**shown, lr=f"{lr:.3g}", tau=f"{tau:.4f}")
         if end_of_epoch or stop:
-            save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device)
+            save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device,
+                            time.perf_counter() - t_start)
     bar.close()
     log.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if stop:
         raise SystemExit(f"\nInterrupted at step {step}/{total_steps}; saved {out}/checkpoint.pt. "
                          f"Continue with: python train.py --resume {out}")
-    print(f"Done: {out}/encoder.pt. Evaluate with: python test.py {out}")
+    cfg["train_minutes"] = (time.perf_counter() - t_start) / 60
+    with open(os.path.join(out, "config.json"), "w") as f:                # the real time beside the planned
+        json.dump(cfg, f, indent=2)
+    print(f"Done in {cfg['train_minutes']:.1f} min of training: {out}/encoder.pt. Evaluate with: python test.py {out}")
     return out
 
 

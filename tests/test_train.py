@@ -312,3 +312,32 @@ def test_online_probe_is_scored_on_the_test_split_beside_knn(trained, image_root
     with torch.no_grad():
         accuracy = (probe(features(encoder, x, torch.device("cpu"))).argmax(1) == y).float().mean().item()
     assert last["probe_test_top1"] == pytest.approx(accuracy)
+
+
+def test_fit_epochs_fills_the_budget_with_checks_and_checkpoints():
+    # 10 steps of 1 s per epoch: 6 epochs in a minute
+    assert train.fit_epochs(1, 10, 0, 1.0, 0.0, 0.0) == (6, 60.0)
+    # a 5 s check every 2 epochs and at the end, a 1 s checkpoint per epoch: 4 epochs = 44 + 2 checks
+    assert train.fit_epochs(1, 10, 2, 1.0, 5.0, 1.0) == (4, 54.0)
+    assert train.fit_epochs(1, 10, 2, 1.0, 5.0, 1.0)[0] < train.fit_epochs(2, 10, 2, 1.0, 5.0, 1.0)[0]
+    assert train.fit_epochs(0.001, 10, 0, 1.0, 0.0, 0.0)[0] == 1  # never less than one epoch
+
+
+def test_minutes_plans_a_whole_schedule_and_leaves_no_trace(image_root, tmp_path):
+    """--minutes times a few steps on the real model, then runs a complete schedule (the lr warm-up
+    and cosine, and tau, end at the planned last step) and records planned and real time. The trial
+    leaves no trace: the same number of --epochs gives the very same weights."""
+    args = ["--data", str(image_root / "train"), "--subset", "32", *TINY]
+    budget = train.main([*args, "--minutes", "0.05", "--knn-every", "1", "--out", str(tmp_path / "budget")])
+    cfg = json.load(open(os.path.join(budget, "config.json")))
+    assert cfg["epochs"] >= 1 and cfg["planned_minutes"] > 0 and cfg["train_minutes"] > 0
+    ckpt = torch.load(os.path.join(budget, "checkpoint.pt"), weights_only=False)
+    assert ckpt["step"] == cfg["epochs"] * 4                                   # 32 images, batch 8
+    last = [json.loads(line) for line in open(os.path.join(budget, "log.jsonl"))][-1]
+    assert last["step"] == ckpt["step"] and last["minutes"] > 0
+    same = train.main([*args, "--epochs", str(cfg["epochs"]), "--knn-every", "1", "--out", str(tmp_path / "epochs")])
+    other = torch.load(os.path.join(same, "checkpoint.pt"), weights_only=False)
+    for part in ("online", "target", "predictor", "probe"):
+        assert all(torch.equal(v, other[part][k]) for k, v in ckpt[part].items()), part
+    r = run("train.py", "--resume", budget, "--minutes", "1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--minutes" in r.stderr
