@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, help="device's dense bf16 peak; default by device name")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg", "train"),
                    help="an ImageFolder of real images (default: the shared CIFAR-10 JPEGs)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, no compile: every field in seconds")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: every field in seconds (and compile, if asked)")
     args = p.parse_args(argv)
     if args.device and args.device != "cpu" and not args.device.startswith("cuda"):
         raise SystemExit(f"error: --device {args.device!r}: use cpu or cuda")
@@ -86,7 +86,6 @@ def parse_args(argv=None):
     args.repeats = pick(args.repeats, 2, 5, 3)
     args.steps = pick(args.steps, 1, 20, 2)
     args.warmup = pick(args.warmup, 1, 5, 1)
-    args.compile = args.compile and not args.quick
     if args.batch_size < 2:
         raise SystemExit("error: --batch-size must be at least 2 (BatchNorm needs 2 images per batch)")
     return args
