@@ -126,7 +126,7 @@ def independent(args, seed, images, labels, monitor, log):
     if "optimizer" in args.swap:
         from train import make_optimizer
         opt = make_optimizer(nn.ModuleList([online, predictor]), dict(weight_decay=args.weight_decay, momentum=0.9,
-                                                                    optimizer=args.optimizer, eta=0.02))
+                                                                    optimizer=args.optimizer, eta=0.02, lars_clip=True))
     if "views" in args.swap:
         from augment import Augment
         augment = Augment(32)
