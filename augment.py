@@ -79,9 +79,9 @@ def resized_crop(x, boxes, size, flip=None):
     """Crop each image to its (top, left, h, w) box and resize to size x size, bilinear, no antialias;
     then mirror the images where flip (N,) is True, by reading each row of the grid backwards.
 
-    One grid_sample; equals v2.functional.resized_crop(..., antialias=False). (DeepMind's and
-    solo-learn's pipelines resize bicubically: a departure, listed in the README.) Output pixel i samples top + (i + 0.5) * h / size - 0.5, clamped inside the
-    crop as F.interpolate clamps at the crop's edges.
+    One grid_sample; equals v2.functional.resized_crop(..., antialias=False). Output pixel i samples
+    top + (i + 0.5) * h / size - 0.5, clamped inside the crop as F.interpolate clamps at the crop's
+    edges. (DeepMind's and solo-learn's pipelines resize bicubically: a departure, in the README.)
     """
     N, _, H, W = x.shape
     top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)  # N each
