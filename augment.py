@@ -75,26 +75,51 @@ def sample_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     return torch.stack([torch.where(ok, v, f) for v, f in zip((top, left, h, w), fallback)], 1)
 
 
-def resized_crop(x, boxes, size, flip=None):
-    """Crop each image to its (top, left, h, w) box and resize to size x size, bilinear, no antialias;
-    then mirror the images where flip (N,) is True, by reading each row of the grid backwards.
+def _cubic(t, a=-0.75):
+    """(..., 4) weights of Keys' cubic convolution for the taps at -1, 0, 1, 2 around a sample at
+    offset t in [0, 1): PyTorch's bicubic kernel (a = -0.75), which torchvision's resize uses."""
+    d = torch.stack([1 + t, t, 1 - t, 2 - t], -1)                     # distances to the four taps
+    near = ((a + 2) * d - (a + 3)) * d * d + 1                         # |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a                    # 1 < |d| < 2
+    return torch.where(d <= 1, near, far)
 
-    One grid_sample; equals v2.functional.resized_crop(..., antialias=False). Output pixel i samples
-    top + (i + 0.5) * h / size - 0.5, clamped inside the crop as F.interpolate clamps at the crop's
-    edges. (DeepMind's and solo-learn's pipelines resize bicubically: a departure, in the README.)
+
+def _resize_matrix(start, length, size, full, mode):
+    """(N, size, full): row i holds the weights with which output pixel i mixes the source pixels,
+    as F.interpolate(align_corners=False) resizes the crop [start, start + length) of each image: it
+    samples start + (i + 0.5) * length / size - 0.5, and taps past the crop's edge repeat its edge
+    pixel, as F.interpolate does at an image's edge."""
+    src = (torch.arange(size, device=start.device) + 0.5) * (length / size)[:, None] - 0.5  # N x S
+    if mode == "bilinear":
+        src = src.clamp(min=0)
+        base, offsets = src.floor(), torch.tensor([0.0, 1.0], device=src.device)
+        t = (src - base)[..., None]
+        weights = torch.cat([1 - t, t], -1)                            # N x S x 2
+    else:
+        base, offsets = src.floor(), torch.tensor([-1.0, 0.0, 1.0, 2.0], device=src.device)
+        weights = _cubic(src - base)                                   # N x S x 4
+    taps = torch.minimum((base[..., None] + offsets).clamp(min=0), (length - 1)[:, None, None])
+    index = (taps + start[:, None, None]).long()
+    return torch.zeros(len(start), size, full, device=src.device).scatter_add_(2, index, weights)
+
+
+def resized_crop(x, boxes, size, flip=None, mode="bicubic"):
+    """Crop each image to its (top, left, h, w) box and resize it to size x size, without antialias,
+    bicubic (DeepMind's and solo-learn's pipelines) or bilinear; then mirror the images where flip
+    (N,) is True. Equals v2.functional.resized_crop(..., antialias=False) with the overshoot of the
+    bicubic kernel clamped to [0, 1].
+
+    Resizing is separable, so each image is two matrix products: rows (S x H) @ image @ cols^T
+    (W x S), whose weights come from _resize_matrix; the flip reverses the order of cols' rows.
     """
     N, _, H, W = x.shape
-    top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)  # N each
-    i = torch.arange(size, device=x.device, dtype=torch.float32) + 0.5  # S
-    ys = top[:, None] + i * (h / size)[:, None] - 0.5  # NxS, source pixel rows
-    xs = left[:, None] + i * (w / size)[:, None] - 0.5
-    ys = torch.minimum(torch.maximum(ys, top[:, None]), (top + h - 1)[:, None])
-    xs = torch.minimum(torch.maximum(xs, left[:, None]), (left + w - 1)[:, None])
-    gy, gx = (2 * ys + 1) / H - 1, (2 * xs + 1) / W - 1  # pixel -> grid_sample coords
+    top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)      # N each
+    rows = _resize_matrix(top, h, size, H, mode)                        # N x S x H
+    cols = _resize_matrix(left, w, size, W, mode)                       # N x S x W
     if flip is not None:
-        gx = torch.where(flip[:, None], gx.flip(1), gx)
-    grid = torch.stack([gx[:, None, :].expand(N, size, size), gy[:, :, None].expand(N, size, size)], -1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    out = rows[:, None] @ x @ cols[:, None].transpose(2, 3)            # N x C x S x S
+    return out.clamp(0, 1) if mode == "bicubic" else out
 
 
 # ---- per-image ops on float images in [0,1]; factors are (N,) tensors --------------------------

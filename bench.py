@@ -11,7 +11,7 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
    the per-image torchvision.transforms.v2 pipeline on PIL images in a DataLoader with --workers
    processes, built from the same augment.VIEWS / JITTER probabilities. On CPU, Augment runs on
    --workers threads, so both sides use the same number of cores. PIL's resize always antialiases
-   (antialias=True); Augment's crop resize does not (as the paper's tf.image.resize).
+   (antialias=True); Augment's bicubic crop resize does not.
 2. One BYOL training step, images/s: train.byol_update (two views through online and target, loss,
    backward, LARS, EMA) on real augmented batches, median of --repeats timings of --steps steps each.
    Variants (each built by models.prepare, as train.py builds its model; cuDNN convolutions still use
@@ -152,7 +152,8 @@ def timed(fns, device, warmup, steps, repeats):
 
 def torchvision_view(recipe, image_size, blur, kernel_size):
     """One view of the usual per-image pipeline on a PIL image, with augment.py's probabilities."""
-    ops = [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),  # PIL always antialiases
+    ops = [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                antialias=True),  # PIL always antialiases
            v2.RandomHorizontalFlip(recipe["flip"]),
            v2.RandomApply([v2.ColorJitter(**augment.JITTER)], p=recipe["jitter"]),
            v2.RandomGrayscale(recipe["gray"])]

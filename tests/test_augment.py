@@ -84,16 +84,20 @@ def test_gaussian_blur_matches_torchvision(x, kernel_size):
     torch.testing.assert_close(A.gaussian_blur(x, sigma, kernel_size), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("size", [16, 32, 56])  # down-, mixed-, up-sampling of the crops
-def test_resized_crop_matches_torchvision(x, size):
+def test_resized_crop_matches_torchvision(x, size, mode):
     boxes = A.sample_crop_boxes(len(x), 32, 32, device="cpu")
     boxes[0] = torch.tensor([0, 0, 32, 32])  # whole image
     boxes[1] = torch.tensor([5, 7, 3, 20])  # extreme aspect, touches no border
-    ref = torch.stack([TF.resized_crop(img, *b, [size, size], antialias=False) for img, b in zip(x, boxes.tolist())])
-    torch.testing.assert_close(A.resized_crop(x, boxes, size), ref, atol=1e-5, rtol=0)
+    interpolation = TF.InterpolationMode.BICUBIC if mode == "bicubic" else TF.InterpolationMode.BILINEAR
+    ref = torch.stack([TF.resized_crop(img, *b, [size, size], interpolation=interpolation, antialias=False)
+                       for img, b in zip(x, boxes.tolist())])
+    ref = ref.clamp(0, 1)  # the bicubic kernel overshoots; Augment's images stay in [0, 1]
+    torch.testing.assert_close(A.resized_crop(x, boxes, size, mode=mode), ref, atol=1e-5, rtol=0)
     flip = torch.arange(len(x)) % 2 == 0  # mirrored inside the crop: the same as flipping its output
     flipped = torch.where(flip[:, None, None, None], ref.flip(-1), ref)
-    torch.testing.assert_close(A.resized_crop(x, boxes, size, flip), flipped, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.resized_crop(x, boxes, size, flip, mode=mode), flipped, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
