@@ -62,7 +62,8 @@ DEFAULTS = dict(
     out=None,              # run directory; default runs/<time>-<dataset>-<arch>
 )
 # ----------------------------------------------------------------------------------------------
-CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"), tau_schedule=("cosine", "constant"))
+CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
+               tau_schedule=("cosine", "constant"))
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
@@ -349,7 +350,9 @@ def restore(ckpt, model, optimizer, probe, probe_optimizer, device):
 def save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device, seconds=0.0):
     """checkpoint.pt (everything needed to resume exactly) and encoder.pt (the encoder alone, a plain
     torchvision ResNet state_dict: README, "Use the encoder"), each written atomically."""
-    rng = dict(cpu=torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+    rng = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     save_atomic(dict(online=model.online.state_dict(), target=model.target.state_dict(),
                      predictor=model.predictor.state_dict(), optimizer=optimizer.state_dict(),
                      probe=probe.state_dict() if probe else None,
@@ -385,6 +388,24 @@ def fit_epochs(minutes, steps_per_epoch, knn_every, step_s, check_s, save_s):
     return epochs, cost(epochs)
 
 
+def plan_minutes(cfg, steps_per_epoch, step_s, check_s, save_s):
+    """fit_epochs for --minutes, said aloud. Returns (epochs, planned minutes)."""
+    epochs, planned = fit_epochs(cfg["minutes"], steps_per_epoch, cfg["knn_every"], step_s, check_s, save_s)
+    print(f"--minutes {cfg['minutes']:g}: a step takes {step_s:.3g} s here, a test-split check {check_s:.3g} s "
+          f"and a checkpoint {save_s:.3g} s, so {epochs} epochs ({epochs * steps_per_epoch} steps, warm-up and "
+          f"cosine schedules included) are planned to take {planned / 60:.1f} min")
+    return epochs, planned / 60
+
+
+def log_line(log, bar, shown, record):
+    """Appends one record to log.jsonl and shows its latest figures on the progress bar."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    shown.update({k: f"{record[k]:.4f}" for k in ("loss", "z_std", "probe_top1", "knn_top1", "probe_test_top1")
+                  if k in record})
+    bar.set_postfix(**shown, lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
+
+
 def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test, device):
     """Seconds per training step (data path, Algorithm 1 and the monitors, timed after three warm-up
     steps, so after compiling), per test-split check and per checkpoint, on the real model with lr 0.
@@ -410,7 +431,9 @@ def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, imag
     steps, elapsed = 0, 0.0
     while steps < 3 or elapsed < 1.0:  # at least 3 steps and a second
         elapsed, steps = elapsed + seconds(step), steps + 1
-    check_s = seconds(lambda: eval_on_test_split(model.online.encoder, probe, images, labels, test, device)) if test else 0.0
+    check_s = 0.0
+    if test:
+        check_s = seconds(lambda: eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
     with tempfile.TemporaryDirectory(dir=cfg["out"]) as scratch:
         save_s = seconds(lambda: save_checkpoint(scratch, cfg, model, optimizer, probe, probe_optimizer, 0,
                                                  torch.arange(len(images)), device))
@@ -443,13 +466,8 @@ def main(argv=None):
     optimizer = make_optimizer(model, cfg)
     probe, probe_optimizer = make_probe(model.online.projector[0].in_features, int(labels.max()) + 1, cfg, device)
     if cfg["minutes"]:  # --minutes: time this machine first, then fit the whole schedule in the budget
-        step_s, check_s, save_s = time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug,
-                                             images, labels, test, device)
-        cfg["epochs"], planned = fit_epochs(cfg["minutes"], steps_per_epoch, cfg["knn_every"], step_s, check_s, save_s)
-        cfg["planned_minutes"] = planned / 60
-        print(f"--minutes {cfg['minutes']:g}: a step takes {step_s:.3g} s here, a test-split check {check_s:.3g} s "
-              f"and a checkpoint {save_s:.3g} s, so {cfg['epochs']} epochs ({cfg['epochs'] * steps_per_epoch} steps, "
-              f"warm-up and cosine schedules included) are planned to take {planned / 60:.1f} min")
+        times = time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test, device)
+        cfg["epochs"], cfg["planned_minutes"] = plan_minutes(cfg, steps_per_epoch, *times)
 
     # Schedule (Sec. 3.3): one step per batch, linear lr scaling, the warm-up capped at a tenth of the run.
     total_steps = cfg["epochs"] * steps_per_epoch
@@ -488,16 +506,12 @@ def main(argv=None):
             epoch = step // steps_per_epoch
             if test and end_of_epoch and not stop and (epoch % cfg["knn_every"] == 0 or step == total_steps):
                 record.update(eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log_line(log, bar, shown, record)
             warning = collapse_warning(record["z_std_max"], cfg["collapse_z_std"], cfg["proj_dim"],
                                        step - steps + 1, step)
             if warning and not warned:
                 tqdm.write(warning)
                 warned = True
-            shown.update({k: f"{record[k]:.4f}" for k in ("loss", "z_std", "probe_top1", "knn_top1", "probe_test_top1")
-                          if k in record})
-            bar.set_postfix(**shown, lr=f"{lr:.3g}", tau=f"{tau:.4f}")
         if end_of_epoch or stop:
             save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device,
                             time.perf_counter() - t_start)
