@@ -96,9 +96,11 @@ def encoder_net(stem):
 # ---- the independent BYOL (arXiv 2006.07733, Sec. 3.1 and 3.3, Algorithm 1) -------------------------
 
 def torchvision_views(solarize_p):
-    """Appendix B, Table 6 at 32 px, per image (blur off at 32 px, as train.py's CIFAR default)."""
+    """Appendix B, Table 6 at 32 px, per image (blur off at 32 px, as train.py's CIFAR default);
+    crops resized bicubically, as DeepMind's code (runs before 2026-11-29 21:40 UTC: bilinear)."""
     return v2.Compose([
-        v2.RandomResizedCrop(32, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+        v2.RandomResizedCrop(32, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
         v2.RandomSolarize(128, p=solarize_p), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
