@@ -198,7 +198,7 @@ def plot(results, out):
         ax_loss.plot(epochs[1:], [c["loss"] for c in r["curve"]], color=colour, marker=".",
                      ls="-" if r["seed"] == 0 else ":")
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%), 2,000 test images", title="kNN monitor")
-    ax_loss.set(xlabel="epoch", ylabel="BYOL loss (last interval / epoch mean)", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="BYOL loss, epoch mean", title="loss")
     ax_knn.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -224,7 +224,15 @@ def run_ours(args, seed, out):
     state = torch.load(os.path.join(out, "encoder.pt"), map_location="cpu", weights_only=True)
     encoder = encoder_net(args.stem)
     encoder.load_state_dict(state, strict=True)
-    return encoder, [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if "knn_top1" in line]
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    curve, last_step = [], 0
+    for r in records:  # the epoch's mean loss (log lines weighted by their steps), kNN at its end
+        if "knn_top1" in r:
+            epoch = [q for q in records if last_step < q["step"] <= r["step"]]
+            steps = [q["step"] - p for q, p in zip(epoch, [last_step] + [q["step"] for q in epoch[:-1]])]
+            curve.append(dict(r, loss=sum(q["loss"] * n for q, n in zip(epoch, steps)) / sum(steps)))
+            last_step = r["step"]
+    return encoder, curve
 
 
 def main():
