@@ -150,34 +150,33 @@ def adjust_saturation(x, factor):
     return _blend(x, grayscale(x), factor)
 
 
-def rgb_to_hsv(x):
-    """(N,3,H,W) RGB -> HSV, each channel in [0,1] (h a fraction of the circle), as torchvision and
-    Pillow: v = max, chroma c = max - min, s = c / v, and 6h = (g - b) / c where r is the max, else
-    2 + (b - r) / c where g is, else 4 + (r - g) / c. Grey pixels (c = 0) get h = s = 0."""
+def rgb_to_hcv(x):
+    """(N,3,H,W) RGB -> (hue H in [0, 6), chroma c, value v), each N x H x W: HSV with s v = c. As
+    torchvision and Pillow: v = max, c = max - min, and H = (g - b) / c where r is the max, else
+    2 + (b - r) / c where g is, else 4 + (r - g) / c; grey pixels (c = 0) get H = 0."""
     r, g, b = x.unbind(1)
     v = x.amax(1)
     c = v - x.amin(1)
-    s = c / torch.where(v > 0, v, 1)
-    c_ = torch.where(c > 0, c, 1)
-    h6 = torch.where(v == r, (g - b) / c_, torch.where(v == g, 2 + (b - r) / c_, 4 + (r - g) / c_))
-    h = torch.where(c > 0, h6 / 6 % 1, 0)
-    return torch.stack([h, s, v], 1)
+    is_r = v == r                                   # the channel that holds the max (r first, then g)
+    is_g = (v == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    hc = is_r * (g - b) + is_g * (b - r + 2 * c) + is_b * (r - g + 4 * c)   # H * c, without a per-pixel where
+    return hc / c.clamp(min=1e-12) % 6, c, v                                  # grey: hc = 0
 
 
-def hsv_to_rgb(hsv):
-    """HSV -> RGB: channel n = 5, 3, 1 (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1) with
-    k = (n + 6h) mod 6 (the closed form of the HSV cone; Wikipedia, "HSV to RGB alternative")."""
-    h, s, v = hsv[:, :1], hsv[:, 1:2], hsv[:, 2:]                   # N x 1 x H x W each
-    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device).view(1, 3, 1, 1)
-    k = (n + 6 * h) % 6                                             # N x 3 x H x W
-    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+def hcv_to_rgb(h, c, v):
+    """The inverse: channel n = 5, 3, 1 (R, G, B) is v - c clamp(min(k, 4 - k), 0, 1) with
+    k = (n + H) mod 6 (Wikipedia, "HSV to RGB alternative", where s v = c)."""
+    k = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1) + h[:, None]  # N x 3 x H x W, in [1, 11)
+    k = k - 6 * (k >= 6)                                                               # mod 6
+    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def adjust_hue(x, factor):
     """Rotate each image's hue by factor (N,), a fraction of the circle in [-0.5, 0.5], as torchvision:
-    RGB -> HSV, h + factor mod 1, HSV -> RGB."""
-    h, s, v = rgb_to_hsv(x).unbind(1)
-    return hsv_to_rgb(torch.stack([(h + factor.view(-1, 1, 1)) % 1, s, v], 1))
+    RGB -> (H, c, v), H + 6 factor mod 6, back to RGB."""
+    h, c, v = rgb_to_hcv(x)
+    return hcv_to_rgb((h + 6 * factor.view(-1, 1, 1)) % 6, c, v)
 
 
 def color_jitter(x, p, brightness, contrast, saturation, hue):
@@ -204,7 +203,7 @@ def color_jitter(x, p, brightness, contrast, saturation, hue):
     def blend_step(x, step, mask):  # each image's op at this step where mask, else the identity
         a, b, c = (_bcast(t) for t in coef[rows, torch.where(mask, order[:, step], 3)].unbind(1))
         g = _luma(x)
-        return (a * x + b * g + c * g.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+        return torch.addcmul(b * g + c * g.mean((1, 2, 3), keepdim=True), a, x).clamp_(0, 1)  # a x + ...
 
     for step in range(3):
         x = blend_step(x, step, apply & (step < hue_step))
@@ -228,8 +227,8 @@ def gaussian_blur(x, sigma, kernel_size):
     return y.view(N, C, H, W)
 
 
-def solarize(x, threshold=0.5):  # invert the pixels at or above threshold
-    return torch.where(x >= threshold, 1 - x, x)
+def solarize(x):  # invert the pixels at or above Table 6's threshold 0.5: that is min(x, 1 - x)
+    return torch.minimum(x, 1 - x)
 
 
 # ---- the two views ------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ def draw_curves(run, out=os.path.join(ASSETS, "curves.png"), random_knn=None):
             ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        tested = [(r["epoch"], r["probe_test_top1"]) for r in records if "probe_test_top1" in r]
+        if key == "probe_top1" and tested:  # the same probe on the test split, with each kNN check
+            ax.plot(*zip(*tested), marker=".", ls="--", label="test split")
+            ax.legend(fontsize=8)
         if key == "knn_top1" and random_knn is not None:
             ax.axhline(random_knn, color="grey", ls="--", label="random encoder")
             ax.legend(fontsize=8)

@@ -58,7 +58,7 @@ def test_color_ops_match_torchvision(x, ours, tv_op, lo, hi):
 
 def test_hue_on_ties_grey_and_every_hue_sextant():
     """Pixels whose max is shared by two channels or all three (grey), and one pixel in each sextant
-    of the hue circle, shifted by factors across [-0.5, 0.5]: every branch of rgb_to_hsv and hsv_to_rgb."""
+    of the hue circle, shifted by factors across [-0.5, 0.5]: every branch of rgb_to_hcv and hcv_to_rgb."""
     px = [(1, 1, 0), (0, 1, 1), (1, 0, 1), (0.5, 0.5, 0.5), (0, 0, 0), (1, 1, 1), (0.8, 0.8, 0.2),
           (0.9, 0.1, 0.2), (0.9, 0.6, 0.1), (0.5, 0.9, 0.2), (0.1, 0.9, 0.7), (0.2, 0.3, 0.9), (0.7, 0.1, 0.9)]
     x = torch.tensor(px).T.reshape(1, 3, 1, len(px)).expand(11, 3, 1, len(px))
@@ -69,8 +69,8 @@ def test_hue_on_ties_grey_and_every_hue_sextant():
 def test_grayscale_solarize_flip_match_torchvision(x):
     torch.testing.assert_close(A.grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6, rtol=0)
     torch.testing.assert_close(A.solarize(x), TF.solarize(x, 0.5))
-    edge = torch.full_like(x[:1], 0.25)  # the threshold itself is inverted
-    torch.testing.assert_close(A.solarize(edge, 0.25), TF.solarize(edge, 0.25))
+    edge = torch.tensor([0.4999, 0.5, 0.5001]).view(1, 3, 1, 1)  # the threshold itself is inverted
+    torch.testing.assert_close(A.solarize(edge), TF.solarize(edge, 0.5))
     mask = torch.arange(len(x)) % 2 == 0  # the flip lives in resized_crop's grid; a whole-image box
     ref = torch.stack([TF.horizontal_flip(img) if m else img for img, m in zip(x, mask)])
     whole = torch.tensor([[0, 0, x.shape[-2], x.shape[-1]]]).expand(len(x), 4)
@@ -226,9 +226,9 @@ def test_normalize_and_crop_flip():
     assert torch.equal(A.crop_flip(images, 32), out)
 
 
-def test_hsv_round_trip_and_hue_shift_by_a_whole_turn(x):
-    """HSV -> RGB undoes RGB -> HSV (a wrong sextant or channel offset would not), and the hue is
-    circular: shifting by +0.5 then by -0.5 gives the image back."""
-    torch.testing.assert_close(A.hsv_to_rgb(A.rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
+def test_hcv_round_trip_and_hue_shift_by_half_turns(x):
+    """(H, c, v) -> RGB undoes RGB -> (H, c, v) (a wrong sextant or channel offset would not), and the
+    hue is circular: shifting by +0.5 then by -0.5 gives the image back."""
+    torch.testing.assert_close(A.hcv_to_rgb(*A.rgb_to_hcv(x)), x, atol=1e-5, rtol=0)
     half = torch.full((len(x),), 0.5)
     torch.testing.assert_close(A.adjust_hue(A.adjust_hue(x, half), -half), x, atol=1e-5, rtol=0)
