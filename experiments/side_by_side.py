@@ -292,4 +292,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
