@@ -49,7 +49,7 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
         raise SystemExit(f"error: no encoder at {path}. Train one with: python train.py")
     cfg = read_config(run_dir)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e})")
     if isinstance(state, dict) and "online" in state:           # a checkpoint.pt

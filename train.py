@@ -292,7 +292,7 @@ def load_checkpoint(resume):
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert {"online", "target", "predictor", "optimizer", "step", "config"} <= ckpt.keys()
     except FileNotFoundError:
         raise SystemExit(f"error: no checkpoint at {path}; pass a run directory such as runs/<name>")

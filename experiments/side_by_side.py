@@ -215,7 +215,7 @@ def run_ours(args, seed, out):
            "--epochs", str(args.epochs), "--seed", str(seed), "--knn-every", "1", "--test-subset", "2000",
            "--out", out, *(["--subset", str(args.subset)] if args.subset else []), *args.train_flags]
     done = os.path.isfile(os.path.join(out, "checkpoint.pt")) and \
-        torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == args.epochs
+        torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == args.epochs
     if done:  # a finished run of this arm (e.g. killed before its evaluation): evaluate, don't retrain
         print(f"{out} is complete; evaluating it", flush=True)
     else:
