@@ -2,6 +2,7 @@
 
     python plots.py views [--data DIR]                 # README.assets/views.png: 8 images, their two views
     python plots.py curves runs/<name> [--random-knn X]  # README.assets/curves.png from the run's log.jsonl
+    python plots.py curves results/h200-minutes5 --out README.assets/curves-h200.png
 """
 import argparse
 import math
@@ -98,11 +99,13 @@ def main(argv=None):
     p.add_argument("run", nargs="?", help="curves: a run directory or its log.jsonl (default: newest in runs/)")
     p.add_argument("--data", default=data.DEFAULT_ROOT, help="views: CIFAR-10 download folder or an ImageFolder")
     p.add_argument("--random-knn", type=float, help="curves: the random encoder's kNN top-1, as a dashed line")
+    p.add_argument("--out", help="the PNG to write (default: README.assets/<picture>.png)")
     args = p.parse_args(argv)
     if args.picture == "views":
-        print(f"wrote {draw_views(args.data)}")
+        print(f"wrote {draw_views(args.data, args.out or os.path.join(ASSETS, 'views.png'))}")
     else:
-        print(f"wrote {draw_curves(args.run or newest_run(), random_knn=args.random_knn)}")
+        out = args.out or os.path.join(ASSETS, "curves.png")
+        print(f"wrote {draw_curves(args.run or newest_run(), out, random_knn=args.random_knn)}")
 
 
 if __name__ == "__main__":

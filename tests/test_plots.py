@@ -24,6 +24,8 @@ def test_plot_writes_a_png_from_a_log_with_missing_keys(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                            # the CLI writes README.assets/
     evaluate.main(["--plot", "run"])
     assert (tmp_path / "README.assets" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plots.main(["curves", "run", "--out", "elsewhere.png"])                 # --out names the file
+    assert (tmp_path / "elsewhere.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="no log"):
         plots.draw_curves(str(tmp_path / "nowhere"))
 
