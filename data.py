@@ -2,12 +2,17 @@
 
 The whole set then moves to the training device once, and augment.py works on it there: no
 DataLoader and no per-image Python in the training loop (this is what makes an epoch take seconds).
-Sources: CIFAR-10/100 and STL-10 through torchvision (downloaded on first use), or any ImageFolder
-directory (`--data path`), decoded once and cached as a tensor in an ignored folder.
+Sources: CIFAR-10/100 and STL-10 through torchvision (downloaded on first use into ./data), or any
+ImageFolder directory (`--data path`), decoded once and cached as a tensor in an ignored folder.
+An ImageFolder is one sub-folder per class, sorted by name as torchvision's; hidden folders and files
+(.ipynb_checkpoints/, ._x.jpg) are skipped. A test split is labelled by the class names of its
+training split. Any PIL image mode is read; 16-bit and float images are scaled to 0..255 (to_rgb).
 """
 import hashlib
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -15,7 +20,7 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from runs import cache_dir, save_atomic
+from runs import SaveError, cache_dir, save_atomic
 
 DATASETS = ("cifar10", "cifar100", "stl10")
 DEFAULT_ROOT = "data"  # torchvision downloads here
@@ -36,14 +41,20 @@ class DataError(Exception):
     """A mistake the user can fix (missing folder, corrupt image, no network); printed without a traceback."""
 
 
+def class_names(folder):
+    """The class folders of an ImageFolder, sorted by name as torchvision's; hidden ones skipped."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def image_files(folder):
+    """The image files of one class folder, sorted; hidden files and sub-folders skipped."""
+    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and not e.is_dir()
+                  and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def is_image_folder(path):
     """True when path holds one sub-folder per class, with images in them."""
-    if not os.path.isdir(path):
-        return False
-    for entry in os.scandir(path):
-        if entry.is_dir() and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(entry.path)):
-            return True
-    return False
+    return os.path.isdir(path) and any(image_files(os.path.join(path, c)) for c in class_names(path))
 
 
 def folder_split(root, split):
@@ -64,20 +75,22 @@ def load(data, dataset="cifar10", split="train", image_size=32, subset=None, see
          cache=None, workers=4):
     """Returns (images uint8 N x 3 x H x W, labels int64 N) for one split.
 
-    data: a directory. If it is (or holds train/ and test/) ImageFolders, they are read; otherwise
-    torchvision's `dataset` is downloaded into it. subset: a fixed random subset of that many images,
-    the same for a given seed. cache: where a decoded ImageFolder is kept (default runs/.cache).
+    data: a directory. If it is (or holds train/ and test/) ImageFolders, they are read, every split
+    labelled by the class names of the training split; otherwise torchvision's `dataset` is
+    downloaded into it. subset: a fixed random subset of that many images, the same for a given
+    seed. cache: where a decoded ImageFolder is kept (default runs/.cache).
     STL-10's training split is 'unlabeled' + 'train' (labels -1 for the unlabeled part), as used
     for pretraining.
     """
     if os.path.isdir(data) and (is_image_folder(data) or is_image_folder(os.path.join(data, split))):
-        return load_folder(folder_split(data, split), image_size, subset, seed, cache or cache_dir(), workers)
+        train = folder_split(data, "train")
+        folder = train if split == "train" else folder_split(data, split)
+        return load_folder(folder, image_size, subset, seed, cache or cache_dir(), workers, train)
     if not os.path.isdir(data) and os.path.normpath(data) != DEFAULT_ROOT:
         raise DataError(f"The --data folder {data!r} does not exist. Point --data at an ImageFolder "
                         f"(one sub-folder per class), or leave it out to download {dataset} into ./{DEFAULT_ROOT}/.")
-    if os.path.isdir(data) and any(e.is_dir() and e.name not in TORCHVISION_FOLDERS for e in os.scandir(data)):
-        raise DataError(f"No images in the class folders of {data!r} (an ImageFolder needs images in "
-                        f"one sub-folder per class).")
+    if os.path.isdir(data):
+        check_download_root(data, dataset)
     images, labels = load_torchvision(data, dataset, split)
     if images.shape[-1] != image_size:
         images = TF.resize(images, [image_size, image_size], antialias=True)
@@ -87,8 +100,26 @@ def load(data, dataset="cifar10", split="train", image_size=32, subset=None, see
     return images.contiguous(), labels
 
 
+def check_download_root(root, dataset):
+    """Raises DataError, rather than downloading, for a folder that is no ImageFolder: one whose
+    class folders hold no images, or one named by the user (not DEFAULT_ROOT) without torchvision's
+    own folders in it."""
+    folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    ours = [name in TORCHVISION_FOLDERS for name in folders]
+    if not all(ours):
+        raise DataError(f"No images in the class folders of {root!r} (an ImageFolder needs images in "
+                        f"one sub-folder per class).")
+    if not any(ours) and os.path.normpath(root) != DEFAULT_ROOT:
+        raise DataError(f"The --data folder {root!r} holds no ImageFolder: it has no class folders with images "
+                        f"in it. Lay it out as {root}/<class>/<image>.jpg, one sub-folder per class (test.py "
+                        f"also takes {root}/train/<class>/ and {root}/test/<class>/), or leave --data out to "
+                        f"download {dataset} into ./{DEFAULT_ROOT}/.")
+
+
 def subset_indices(n, size, seed):
     """A fixed random subset of range(n), the same for a given seed."""
+    if size <= 0:
+        raise DataError(f"--subset must be a positive number of images, not {size}.")
     if size > n:
         raise DataError(f"--subset {size} is larger than the dataset ({n} images)")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
@@ -112,35 +143,90 @@ def load_torchvision(root, dataset, split):
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 
 
-def load_folder(root, image_size, subset, seed, cache, workers):
+def load_folder(root, image_size, subset, seed, cache, workers, train=None):
     """Decodes an ImageFolder into one tensor, resized (shorter side, then centre crop) to
-    image_size, and caches it under `cache` so that the next start takes seconds."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    image_size, and caches it under `cache` so that the next start takes seconds. Labels are the
+    indices of the class names of `train`, the training split's ImageFolder (default: root)."""
+    files = labelled_files(root, train or root)
     if not files:
         raise DataError(f"No images found in the ImageFolder {root!r}.")
     if subset is not None:
         files = [files[i] for i in subset_indices(len(files), subset, seed).tolist()]
-    key = hashlib.sha1(repr((os.path.abspath(root), image_size, [f for f, _ in files],
-                             [os.path.getmtime(f) for f, _ in files])).encode()).hexdigest()[:16]
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, class_names(train or root),
+                             [f for f, _ in files], [mtime(f) for f, _ in files])).encode()).hexdigest()[:16]
     path = os.path.join(cache, f"{os.path.basename(os.path.abspath(root))}-{image_size}px-{key}.pt")
-    if os.path.exists(path):
-        return torch.load(path)
-
-    def decode(file):
-        try:
-            with Image.open(file) as im:
-                img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        except Exception as e:
-            raise DataError(f"Cannot read image {file!r} ({e}). Remove or replace the file.") from None
-        if img.shape[-2:] != (image_size, image_size):
-            img = TF.center_crop(TF.resize(img, image_size, antialias=True), image_size)
-        return img
-
+    cached = read_cache(path, len(files), image_size)
+    if cached is not None:
+        return cached
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = torch.stack(list(pool.map(decode, [f for f, _ in files])))
+        images = torch.stack(list(pool.map(partial(decode, image_size=image_size), [f for f, _ in files])))
     labels = torch.tensor([c for _, c in files], dtype=torch.int64)
-    os.makedirs(cache, exist_ok=True)
-    save_atomic((images, labels), path)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        save_atomic((images, labels), path)
+    except (SaveError, OSError) as e:  # the cache only saves time: go on without it
+        print(f"note: the decoded images are not cached ({e})", file=sys.stderr)
     return images, labels
+
+
+def labelled_files(root, train):
+    """[(image path, label)] of the ImageFolder root, the label being its class's index among the
+    class names of the ImageFolder train. A class that train lacks is a DataError."""
+    index = {c: i for i, c in enumerate(class_names(train))}
+    unknown = [c for c in class_names(root) if c not in index]
+    if unknown:
+        raise DataError(f"The classes {', '.join(unknown)} of {root!r} are not in the training split "
+                        f"{train!r}, so they have no label there. Remove them from {root!r}, or add them to "
+                        f"the training split and train again.")
+    return [(os.path.join(root, c, f), index[c]) for c in class_names(root)
+            for f in image_files(os.path.join(root, c))]
+
+
+def read_cache(path, n, image_size):
+    """The decoded (images, labels) cached at path, or None when there is none or it cannot be used:
+    cut short, not the n images and labels expected, or a pickle that weights_only=True refuses."""
+    if not os.path.exists(path):
+        return None
+    try:
+        images, labels = torch.load(path, weights_only=True)
+        if (images.dtype, images.shape, labels.dtype, labels.shape) == (
+                torch.uint8, (n, 3, image_size, image_size), torch.int64, (n,)):
+            return images, labels
+    except Exception:
+        pass
+    print(f"note: the data cache at {path} could not be read; decoding the images again to rebuild it",
+          file=sys.stderr)
+    return None
+
+
+def decode(file, image_size):
+    """One image file as uint8 3 x image_size x image_size: shorter side resized, then centre crop."""
+    try:
+        with Image.open(file) as im:
+            img = torch.from_numpy(to_rgb(im)).permute(2, 0, 1)
+    except Exception as e:  # a broken file raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise unreadable(file, e) from None
+    if img.shape[-2:] != (image_size, image_size):
+        img = TF.center_crop(TF.resize(img, image_size, antialias=True), image_size)
+    return img
+
+
+def to_rgb(im):
+    """A PIL image of any mode as an H x W x 3 uint8 array. convert("RGB") would clip 16-bit and float
+    images (nearly all white), so they are scaled first: integer modes (I;16, I;16B, and I, as which
+    older Pillow opens 16-bit PNGs) from 0..65535, float (F) from 0..1; values outside are clipped."""
+    if im.mode == "F" or im.mode.startswith("I"):
+        scaled = np.asarray(im, dtype=np.float64) * (255 if im.mode == "F" else 1 / 257)
+        im = Image.fromarray(np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8))
+    return np.asarray(im.convert("RGB")).copy()
+
+
+def mtime(file):
+    try:
+        return os.path.getmtime(file)
+    except OSError as e:  # a broken link
+        raise unreadable(file, e) from None
+
+
+def unreadable(file, e):
+    return DataError(f"Cannot read image {file!r} ({e}). Remove or replace the file.")

@@ -2,8 +2,13 @@
 checkpoint.pt (everything needed to resume), encoder.pt (the online encoder alone), log.jsonl (one
 line per log interval) and eval.json (test.py's figures); runs/.cache holds decoded datasets."""
 import ctypes
+import errno
+import fcntl
 import json
 import os
+import pickle
+import shutil
+import socket
 
 import torch
 
@@ -40,10 +45,86 @@ def keep_freed_memory():
     libc.mallopt(-1, 512 << 20)   # M_TRIM_THRESHOLD: keep up to 512 MiB of freed heap
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+class SaveError(Exception):
+    """A file that could not be written (a full disk, a read-only folder); printed without a traceback."""
+
+
+def save_atomic(obj, path, write=None):
+    """write(obj, file) into path.tmp, then rename: a crash mid-write never leaves a broken file. A
+    write that fails (a full disk) removes its partial file, keeps the previous file as it was and
+    raises SaveError saying why. The file is opened here, in Python, so that a full disk surfaces as
+    ENOSPC rather than as a C++ error from torch.save."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            (write or torch.save)(obj, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free if os.path.exists(tmp) else None
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        why = (f"the disk holding {os.path.dirname(os.path.abspath(path))} is full ({free / 2**20:.0f} MiB "
+               f"free with the partial file)" if e.errno == errno.ENOSPC else e.strerror or str(e))
+        raise SaveError(f"Could not write {path}: {why}. The partial file is removed and the previous "
+                        f"{os.path.basename(path)}, if there was one, is kept.") from None
+
+
+def load_weights(path):
+    """torch.load with weights_only=True: tensors and plain data only, so that a file from elsewhere
+    cannot run code. A refused or unreadable file is a clear error, not a traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"error: refused to load {path}: it holds Python objects besides tensors and plain "
+                         f"data, and loading those can run code. This project writes tensors and plain data "
+                         f"only; load only files you trust.") from None
+    except Exception as e:
+        raise SystemExit(f"error: {path} cannot be read; it may be truncated or not a file this project "
+                         f"wrote ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def save_json(obj, path):
+    """A JSON file, written atomically like the checkpoints."""
+    save_atomic(obj, path, write=lambda o, f: f.write(json.dumps(o, indent=2).encode()))
+
+
+def lock(run_dir):
+    """Holds run_dir/lock while this process lives, so that a second training cannot write into the
+    same run. The lock is the operating system's (flock), freed when the process ends in any way,
+    kill -9 included, so a dead run never holds it. Returns the open file: keep it."""
+    f = open(os.path.join(run_dir, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"error: {run_dir} is in use: a training ({holder}) is writing to it. Wait for it "
+                         f"to end, stop it, or train into another --out.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def remove_leftovers(run_dir):
+    """Removes what a killed process leaves half-written: *.tmp files and time-trial scratch folders."""
+    for entry in os.scandir(run_dir):
+        if entry.name.endswith(".tmp") and entry.is_file():
+            os.remove(entry.path)
+        elif entry.name.startswith("time-trial-") and entry.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def trim_log(path, step):
+    """Keeps the lines of log.jsonl up to `step`, dropping a line cut short: a run resumed from a
+    checkpoint re-runs the steps after it, and logs them again."""
+    if os.path.isfile(path):
+        kept = [r for r in read_log(path) if r.get("step", 0) <= step]
+        save_atomic(kept, path, write=lambda rs, f: f.write("".join(json.dumps(r) + "\n" for r in rs).encode()))
 
 
 def newest_run(runs=RUNS):

@@ -25,7 +25,7 @@ import data
 from augment import crop_flip
 from evaluation import features, knn_accuracy
 from models import ARCHS, STEMS, autocast, resnet
-from runs import cache_dir, newest_run, pick_device, read_config, read_log
+from runs import SaveError, cache_dir, load_weights, newest_run, pick_device, read_config, read_log, save_json
 
 # Published CIFAR-10 results of BYOL with a ResNet-18 (the paper reports ImageNet only), for the
 # comparison printed after a CIFAR-10 resnet18 evaluation: (value, what and where).
@@ -48,13 +48,17 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
     if not os.path.isfile(path):
         raise SystemExit(f"error: no encoder at {path}. Train one with: python train.py")
     cfg = read_config(run_dir)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e})")
-    if isinstance(state, dict) and "online" in state:           # a checkpoint.pt
+    state = load_weights(path)
+    if isinstance(state, dict) and isinstance(state.get("online"), dict):   # a checkpoint.pt
         cfg = state.get("config", cfg)
         state = {k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"error: {path} holds a {type(state).__name__}, not an encoder's weights (a dict of "
+                         f"tensors, as train.py writes to encoder.pt)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise SystemExit(f"error: {path} holds NaN or Inf weights ({', '.join(bad[:3])}...): the run that "
+                         f"wrote it diverged. Train again with a lower --base-lr.")
     arch = arch or cfg.get("arch", "resnet18")
     image_size = image_size or cfg.get("image_size", 32)
     stem = stem or cfg.get("stem")
@@ -176,6 +180,16 @@ def compare(result, run_dir):
           f"no published like-for-like figure)")
 
 
+def positive(kind):
+    """An argparse type: a number above 0 (a clean usage error for --k -1 or --subset 0)."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+        return value
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="run directory, checkpoint.pt or encoder.pt (default: newest in runs/)")
@@ -183,21 +197,21 @@ def main(argv=None):
                                   "(default: the run's own)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | stl10 (default: the run's own)")
     p.add_argument("--arch", choices=ARCHS, help="default: the run's own")
-    p.add_argument("--image-size", type=int, help="default: the run's own")
+    p.add_argument("--image-size", type=positive(int), help="default: the run's own")
     p.add_argument("--stem", choices=STEMS, help="default: the run's own (cifar at <= 64 px, else imagenet)")
-    p.add_argument("--subset", type=int, help="use a fixed random subset of this many training images")
-    p.add_argument("--test-subset", type=int, help="and of this many test images")
-    p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs (default 100)")
-    p.add_argument("--lr", type=float, default=0.1, help="linear classifier lr (default 0.1)")
+    p.add_argument("--subset", type=positive(int), help="use a fixed random subset of this many training images")
+    p.add_argument("--test-subset", type=positive(int), help="and of this many test images")
+    p.add_argument("--epochs", type=positive(int), default=100, help="linear classifier epochs (default 100)")
+    p.add_argument("--lr", type=positive(float), default=0.1, help="linear classifier lr (default 0.1)")
     p.add_argument("--augment", action="store_true", help="train the probe on random crops and flips")
-    p.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
+    p.add_argument("--k", type=positive(int), default=200, help="kNN neighbours (default 200)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate an untrained encoder instead: the baseline every result is read against")
     p.add_argument("--labels", type=float,
                    help="also fine-tune the encoder on this class-balanced fraction of the training labels "
                         "(0.01 or 0.1: Sec. 4.2, Table 2)")
-    p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
-    p.add_argument("--finetune-lr", type=float, default=0.05, help="fine-tuning lr (default 0.05)")
+    p.add_argument("--finetune-epochs", type=positive(int), default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--finetune-lr", type=positive(float), default=0.05, help="fine-tuning lr (default 0.05)")
     p.add_argument("--plot", action="store_true",
                    help="draw README.assets/curves.png from the run's log.jsonl, and do nothing else")
     p.add_argument("--device", help="default: cuda when available")
@@ -253,8 +267,7 @@ def main(argv=None):
         changed = [k for k, v in encoder.state_dict().items() if not torch.equal(v, frozen[k])]
         assert not changed, f"fine-tuning changed the original encoder: {changed[:5]}"
     if run_dir and os.path.isdir(run_dir):
-        with open(os.path.join(run_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(result, os.path.join(run_dir, "eval.json"))
     print(f"linear top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%  kNN top-1 {100 * knn:.2f}%")
     if args.labels is not None:
         print(f"fine-tuned on {100 * args.labels:g}% of the labels ({len(keep)} images): "
@@ -269,5 +282,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except data.DataError as e:
+    except (data.DataError, SaveError) as e:
         sys.exit(f"error: {e}")

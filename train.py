@@ -6,9 +6,11 @@
 """
 import argparse
 import copy
+import errno
 import json
 import math
 import os
+import shlex
 import signal
 import tempfile
 import time
@@ -21,7 +23,8 @@ import data
 from augment import Augment
 from evaluation import features, knn_accuracy
 from models import ARCHS, BYOL, STEMS, prepare
-from runs import RUNS, cache_dir, newest_run, pick_device, save_atomic
+from runs import (RUNS, SaveError, cache_dir, load_weights, lock, newest_run, pick_device, remove_leftovers, save_atomic,
+                  save_json, trim_log)
 
 # ----------------------------------------------------------------------------------------------
 # The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
@@ -64,6 +67,21 @@ DEFAULTS = dict(
 # ----------------------------------------------------------------------------------------------
 CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
                tau_schedule=("cosine", "constant"))
+# What each number must be: (the smallest value allowed, whether that value itself is allowed).
+BOUNDS = dict(image_size=(8, True), subset=(1, True), test_subset=(1, True), hidden_dim=(1, True),
+              proj_dim=(1, True), epochs=(1, True), minutes=(0, False), batch_size=(2, True), base_lr=(0, False),
+              weight_decay=(0, True), momentum=(0, True), eta=(0, False), warmup_epochs=(0, True),
+              tau_base=(0, True), log_every=(1, True), knn_every=(0, True), probe_lr=(0, False),
+              collapse_z_std=(0, True), workers=(1, True))
+# What a resumed run may change: how it runs and reports, not what its saved state means.
+RESUMABLE = ("epochs", "data", "device", "compile", "log_every", "knn_every", "test_subset", "collapse_z_std",
+             "workers", "out")
+CHECKPOINT_KEYS = ("online", "target", "predictor", "optimizer", "step", "perm", "rng", "config")
+
+
+def quote(path):
+    """A path as it must be typed in a shell command (spaces and all)."""
+    return shlex.quote(str(path))
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
@@ -264,40 +282,89 @@ def parse_args(argv):
                    help="a run directory or checkpoint to continue (no value: the newest run in runs/)")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume", None)
+    for key, value in args.items():
+        low, inclusive = BOUNDS.get(key, (None, True))
+        if low is not None and value is not None and (value < low or (value == low and not inclusive)):
+            p.error(f"--{key.replace('_', '-')} {value}: must be {'at least' if inclusive else 'more than'} {low}"
+                    + (" (BatchNorm needs 2 images per batch; the recipe uses 256)" if key == "batch_size" else ""))
+    if args.get("tau_base", 0) > 1 or args.get("momentum", 0) >= 1:
+        p.error("--tau-base must lie in [0, 1] and --momentum in [0, 1)")
     return {**DEFAULTS, **args}, args, resume
 
 
 def configure(argv):
     """The run's config (DEFAULTS, then the flags; a resumed run's own recipe, then the flags given
-    now, e.g. --device or --epochs to extend it) and its checkpoint (None for a new run)."""
+    now, e.g. --device or --epochs to extend it) and its checkpoint (None for a new run). Checked here,
+    before any data is decoded: the run directory can be written, a new run does not land in an old
+    one, and a resumed run keeps the recipe its saved state means."""
     cfg, explicit, resume = parse_args(argv)
-    ckpt = None
-    if resume:
-        ckpt, path = load_checkpoint(resume)
-        # (a run saved before --lars-clip existed used the unclipped LARS)
-        cfg = {**DEFAULTS, "lars_clip": False, **ckpt["config"], "device": None, **explicit,
-               "out": os.path.dirname(path)}
-    if resume and "minutes" in explicit:
+    if not resume:
+        source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) \
+            else cfg["dataset"]
+        cfg["out"] = cfg["out"] or os.path.join(RUNS, f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
+        check_writable(cfg["out"])
+        if run_files(cfg["out"]):
+            raise SystemExit(f"error: {cfg['out']} already holds a run ({', '.join(run_files(cfg['out']))}). "
+                             f"Continue it with: python train.py --resume {quote(cfg['out'])}\n"
+                             f"or start the new run in another --out (or delete that folder first).")
+        return cfg, None
+    if "minutes" in explicit:
         raise SystemExit("error: --minutes plans a new run's schedule; a resumed run keeps its own "
                          "(--epochs N extends it)")
-    if cfg["batch_size"] < 2:
-        raise SystemExit(f"error: --batch-size {cfg['batch_size']} is too small: BatchNorm needs at "
-                         f"least 2 images per batch (the recipe uses 256)")
+    ckpt, path = load_checkpoint(resume)
+    saved = {**DEFAULTS, "lars_clip": False, **ckpt["config"]}  # (runs saved before --lars-clip: unclipped)
+    changed = [f"--{k.replace('_', '-')} {v} (the run's: {saved.get(k)})" for k, v in explicit.items()
+               if k not in RESUMABLE and v != saved.get(k)]
+    if changed:
+        raise SystemExit(f"error: a resumed run keeps the recipe its checkpoint was trained with, and these "
+                         f"flags would change it: {'; '.join(changed)}. Resume without them, or start a new "
+                         f"run with them in another --out.")
+    cfg = {**saved, "device": None, **explicit, "out": os.path.dirname(path)}
+    steps_per_epoch = len(ckpt["perm"]) // cfg["batch_size"]
+    done = f"{cfg['out']} is at step {ckpt['step']} ({ckpt['step'] / steps_per_epoch:g} epochs)"
+    if ckpt["step"] >= cfg["epochs"] * steps_per_epoch:
+        if "epochs" in explicit:
+            raise SystemExit(f"error: --epochs {cfg['epochs']} ends where the run already is: {done}. "
+                             f"Pass more epochs to train it further.")
+        print(f"Nothing to do: {done}, the end of its {cfg['epochs']} epochs. Extend it with --epochs N "
+              f"(N > {cfg['epochs']}), or evaluate it with: python test.py {quote(cfg['out'])}")
+        raise SystemExit(0)
     return cfg, ckpt
 
 
+def run_files(out):
+    """The files of a run that `out` already holds."""
+    return [f for f in ("checkpoint.pt", "encoder.pt", "config.json", "log.jsonl")
+            if os.path.exists(os.path.join(out, f))]
+
+
+def check_writable(out):
+    """A clear error, before any work, when the run directory cannot be made and written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a file, not a folder; pass a folder for the run")
+    parent = os.path.abspath(out)
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the run to {out}: {parent} is not writable ({e.strerror}). "
+                         f"Pass --out a folder you can write to.")
+
+
 def load_checkpoint(resume):
-    """(checkpoint dict, its path) from a run directory, a checkpoint.pt, or "latest"."""
+    """(checkpoint dict, its path) from a run directory, a checkpoint.pt, or "latest". Loaded with
+    weights_only=True: tensors and plain data only, so a checkpoint from elsewhere cannot run code."""
     path = newest_run() if resume == "latest" else resume
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert {"online", "target", "predictor", "optimizer", "step", "config"} <= ckpt.keys()
-    except FileNotFoundError:
+    if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; pass a run directory such as runs/<name>")
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a checkpoint written by train.py ({type(e).__name__}: {e})")
+    ckpt = load_weights(path)
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all of them"]
+    if missing:
+        raise SystemExit(f"error: {path} is not a checkpoint written by train.py: it lacks "
+                         f"{', '.join(missing)} (of {', '.join(CHECKPOINT_KEYS)})")
     return ckpt, path
 
 
@@ -331,19 +398,28 @@ def make_probe(dim, n_classes, cfg, device):
     return probe, torch.optim.SGD(probe.parameters(), lr=cfg["probe_lr"], momentum=0.9)
 
 
-def restore(ckpt, model, optimizer, probe, probe_optimizer, device):
-    """Loads a checkpoint's weights, optimizer, probe and RNG state. Returns (step, the epoch's data order,
-    the seconds of training so far)."""
-    model.online.load_state_dict(ckpt["online"])
-    model.target.load_state_dict(ckpt["target"])
-    model.predictor.load_state_dict(ckpt["predictor"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if probe is not None and ckpt.get("probe") is not None:
-        probe.load_state_dict(ckpt["probe"])
-        probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
+def restore(ckpt, model, optimizer, probe, probe_optimizer, n_images, device, out):
+    """Loads a checkpoint's weights, optimizer, probe and RNG state, and rewrites encoder.pt from it (a
+    kill between the two saves of an epoch leaves encoder.pt one epoch behind). Returns (step, the
+    epoch's data order, the seconds of training so far)."""
+    if len(ckpt["perm"]) != n_images:
+        raise SystemExit(f"error: the data has {n_images} training images, but the run was trained on "
+                         f"{len(ckpt['perm'])}: resume with the run's own data (--data, --subset).")
+    try:
+        model.online.load_state_dict(ckpt["online"])
+        model.target.load_state_dict(ckpt["target"])
+        model.predictor.load_state_dict(ckpt["predictor"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if probe is not None and ckpt.get("probe") is not None:
+            probe.load_state_dict(ckpt["probe"])
+            probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: the checkpoint in {out} does not fit the model its config describes "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
     return ckpt["step"], ckpt["perm"].to(device), ckpt.get("seconds", 0.0)
 
 
@@ -363,16 +439,35 @@ def save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, pe
     save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
 
 
-def stop_on_sigint():
-    """Ctrl-C finishes the step under way, then the loop saves and exits (the returned list becomes
-    non-empty); a second Ctrl-C stops at once, leaving the last complete checkpoint on disk."""
+def weights_finite(model):
+    """True when every weight of the online and target networks is finite (one host sync)."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+def diverged(step, first_step, lr, out, saved_step):
+    """The message for a run whose loss or weights went NaN or Inf."""
+    kept = (f"The last good checkpoint, of step {saved_step}, and its encoder are kept in {out}."
+            if saved_step else "No checkpoint had been saved yet, so nothing is kept.")
+    return (f"error: training diverged: the loss or the weights became NaN or Inf between steps {first_step} "
+            f"and {step} (lr {lr:.3g}). The likely cause is a learning rate too high for this batch size and "
+            f"optimizer: start again with a lower --base-lr (or --optimizer sgd). {kept}")
+
+
+def stop_on_signals(out):
+    """Ctrl-C (SIGINT) or a cluster's preemption (SIGTERM) finishes the step under way, then the loop
+    saves and exits (the returned list becomes non-empty). A second signal stops at once."""
     stop = []
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if stop:
-            raise KeyboardInterrupt
+            path = os.path.join(out, "checkpoint.pt")
+            kept = (f"{path} from {time.strftime('%H:%M:%S', time.localtime(os.path.getmtime(path)))} is kept; "
+                    f"continue with: python train.py --resume {quote(out)}" if os.path.exists(path)
+                    else "no checkpoint had been saved yet, so there is nothing to resume")
+            raise SystemExit(f"\nStopped at once by a second {signal.Signals(signum).name}: {kept}")
         stop.append(signum)
-    signal.signal(signal.SIGINT, on_sigint)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     return stop
 
 
@@ -406,6 +501,20 @@ def log_line(log, bar, shown, record):
     bar.set_postfix(**shown, lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
 
 
+def open_run(out, ckpt):
+    """Makes the run directory and locks it for this process (runs.lock), removes what a killed run left
+    half-written, and on resume drops the log lines after the checkpoint, whose steps run again."""
+    os.makedirs(out, exist_ok=True)
+    held = lock(out)
+    if not ckpt and run_files(out):
+        raise SystemExit(f"error: another training wrote a run into {out} while this one was starting; "
+                         f"pass another --out")
+    remove_leftovers(out)
+    if ckpt:
+        trim_log(os.path.join(out, "log.jsonl"), ckpt["step"])
+    return held
+
+
 def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test, device):
     """Seconds per training step (data path, Algorithm 1 and the monitors, timed after three warm-up
     steps, so after compiling), per test-split check and per checkpoint, on the real model with lr 0.
@@ -434,7 +543,7 @@ def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, imag
     check_s = 0.0
     if test:
         check_s = seconds(lambda: eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
-    with tempfile.TemporaryDirectory(dir=cfg["out"]) as scratch:
+    with tempfile.TemporaryDirectory(dir=cfg["out"], prefix="time-trial-") as scratch:
         save_s = seconds(lambda: save_checkpoint(scratch, cfg, model, optimizer, probe, probe_optimizer, 0,
                                                  torch.arange(len(images)), device))
     for m, state in zip([m for m in (model, optimizer, probe, probe_optimizer) if m is not None], saved):
@@ -450,13 +559,12 @@ def main(argv=None):
     device = pick_device(cfg["device"])
     cfg["device"] = str(device)
     torch.manual_seed(cfg["seed"])
-    source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) else cfg["dataset"]
-    out = cfg["out"] = cfg["out"] or os.path.join(RUNS, f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
+    out = cfg["out"]
 
     # Data: the training set on the device as uint8; the test split for the monitors.
     images, labels, test = load_data(cfg, device)
     steps_per_epoch = len(images) // cfg["batch_size"]
-    os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves no empty run
+    held = open_run(out, ckpt)  # only once the data is there: a failed start leaves no empty run
 
     # Model: online, target and predictor (Sec. 3.1); precision and memory format decided here, once.
     aug = Augment(cfg["image_size"], blur=cfg["blur"])
@@ -473,14 +581,14 @@ def main(argv=None):
     total_steps = cfg["epochs"] * steps_per_epoch
     warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
     peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
-    step, perm, seconds = restore(ckpt, model, optimizer, probe, probe_optimizer, device) if ckpt else (0, None, 0.0)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    step, perm, seconds = (restore(ckpt, model, optimizer, probe, probe_optimizer, len(images), device, out)
+                           if ckpt else (0, None, 0.0))
+    save_json(cfg, os.path.join(out, "config.json"))
 
     log = open(os.path.join(out, "log.jsonl"), "a")
     monitor, warned, shown = Monitor(device, cfg["batch_size"]), False, {}
     bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True)
-    stop = stop_on_sigint()
+    stop, saved_step, healthy = stop_on_signals(out), step, True
     model.train()
     t_start = time.perf_counter() - seconds                              # seconds of training, resumes included
     # Algorithm 1, one iteration per step k.
@@ -501,6 +609,9 @@ def main(argv=None):
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if step % cfg["log_every"] == 0 or end_of_epoch or stop:         # the loop's only host syncs
             steps, figures = monitor.read(end_of_epoch)
+            if not math.isfinite(figures["loss"]):                      # NaN or Inf: stop, save nothing
+                healthy = False
+                break
             record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau, **figures,
                           minutes=(time.perf_counter() - t_start) / 60)
             epoch = step // steps_per_epoch
@@ -513,25 +624,38 @@ def main(argv=None):
                 tqdm.write(warning)
                 warned = True
         if end_of_epoch or stop:
+            if not weights_finite(model):                                # a good checkpoint is never replaced
+                healthy = False
+                break
             save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device,
                             time.perf_counter() - t_start)
+            saved_step = step
     bar.close()
     log.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not healthy:
+        raise SystemExit(diverged(step, saved_step + 1, lr, out, saved_step))
     if stop:
-        raise SystemExit(f"\nInterrupted at step {step}/{total_steps}; saved {out}/checkpoint.pt. "
-                         f"Continue with: python train.py --resume {out}")
+        raise SystemExit(f"\nStopped by {signal.Signals(stop[0]).name} at step {step}/{total_steps}; saved "
+                         f"{out}/checkpoint.pt. Continue with: python train.py --resume {quote(out)}")
     cfg["train_minutes"] = (time.perf_counter() - t_start) / 60
-    with open(os.path.join(out, "config.json"), "w") as f:                # the real time beside the planned
-        json.dump(cfg, f, indent=2)
-    print(f"Done in {cfg['train_minutes']:.1f} min of training: {out}/encoder.pt. Evaluate with: python test.py {out}")
+    save_json(cfg, os.path.join(out, "config.json"))                     # the real time beside the planned
+    held.close()
+    print(f"Done in {cfg['train_minutes']:.1f} min of training: {out}/encoder.pt. "
+          f"Evaluate with: python test.py {quote(out)}")
     return out
 
 
 if __name__ == "__main__":
     try:
         main()
-    except data.DataError as e:
+    except (data.DataError, SaveError) as e:
         raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:
-        raise SystemExit("\nStopped. The last complete checkpoint is kept; continue with --resume.")
+    except OSError as e:  # the log on a full or read-only disk (checkpoints raise SaveError)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise SystemExit(f"error: cannot write {e.filename or 'to the run directory'}: {e.strerror}. Every "
+                         f"checkpoint already written is kept; free space, then --resume.")
+    except KeyboardInterrupt:  # before the loop, whose own handler takes Ctrl-C
+        raise SystemExit("\nStopped before training began; nothing on disk was changed.")

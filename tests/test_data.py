@@ -1,6 +1,17 @@
-"""data.py: the user mistakes it must catch with a clear message and no traceback."""
+"""data.py: the user mistakes it must catch with a clear message and no traceback, the ImageFolder
+layouts it must read right, and the broken files and caches it must survive."""
+import glob
+import io
 import os
+import random
+import zlib
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
 from tests.conftest import run
 
 
@@ -24,3 +35,230 @@ def test_corrupt_image_is_a_clear_error(image_root, tmp_path):
     r = run("train.py", "--data", str(tmp_path / "train"), "--device", "cpu", "--epochs", "1")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "broken.jpg" in r.stderr
+
+
+# --- data.load called directly ---
+
+SHADE = {"ant": 20, "cat": 60, "dog": 100, "frog": 140, "horse": 180}  # one grey level per class
+
+
+def make_folder(root, classes, n=2):
+    """root/<class>/<i>.png: n 8x8 images per class, each of its class's grey level."""
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n):
+            Image.new("L", (8, 8), SHADE[c]).save(os.path.join(root, c, f"{i}.png"))
+    return str(root)
+
+
+def no_network(monkeypatch):
+    """torchvision's CIFAR-10 fails as it does offline; returns the roots it was asked for."""
+    asked = []
+
+    def offline(root, **kw):
+        asked.append(root)
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(data.torchvision.datasets, "CIFAR10", offline)
+    return asked
+
+
+def test_empty_data_folder_says_how_to_lay_it_out_not_network(tmp_path, monkeypatch):
+    asked = no_network(monkeypatch)
+    os.makedirs(tmp_path / "mine")
+    with pytest.raises(data.DataError) as e:
+        data.load(str(tmp_path / "mine"), cache=str(tmp_path / "cache"))
+    msg = str(e.value)
+    assert "holds no ImageFolder" in msg and "<class>" in msg and "mine" in msg
+    assert "network" not in msg and asked == []
+    # The default root and a folder holding torchvision's own files still go to torchvision.
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data")
+    with pytest.raises(data.DataError, match="network"):
+        data.load("data", cache=str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "mine" / "cifar-10-batches-py")
+    with pytest.raises(data.DataError, match="network"):
+        data.load(str(tmp_path / "mine"), cache=str(tmp_path / "cache"))
+    assert asked == ["data", str(tmp_path / "mine")]
+
+
+def test_hidden_folders_and_files_are_ignored(tmp_path):
+    train = make_folder(tmp_path / "train", ["cat", "dog"])
+    os.makedirs(tmp_path / "train" / ".ipynb_checkpoints")                 # empty: shifted every label
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\0\5\26\7AppleDouble")  # macOS resource fork
+    x, y = data.load(train, cache=str(tmp_path / "cache"))
+    assert y.tolist() == [0, 0, 1, 1]
+    assert x[:, 0, 0, 0].tolist() == [SHADE["cat"]] * 2 + [SHADE["dog"]] * 2
+    os.makedirs(tmp_path / "only-hidden" / ".cache")
+    Image.new("L", (8, 8)).save(tmp_path / "only-hidden" / ".cache" / "0.png")
+    os.makedirs(tmp_path / "only-hidden" / "cat")
+    Image.new("L", (8, 8)).save(tmp_path / "only-hidden" / "cat" / ".0.png")
+    assert not data.is_image_folder(str(tmp_path / "only-hidden"))
+
+
+def test_test_labels_are_the_training_split_class_indices(tmp_path):
+    make_folder(tmp_path / "train", ["cat", "dog"])
+    make_folder(tmp_path / "test", ["dog"])   # a subset of the training classes: dog is still 1
+    cache = str(tmp_path / "cache")
+    _, y = data.load(str(tmp_path), split="test", cache=cache)
+    assert y.tolist() == [1, 1]
+    _, y = data.load(str(tmp_path / "train"), split="test", cache=cache)  # the sibling ../test
+    assert y.tolist() == [1, 1]
+    make_folder(tmp_path / "train", ["ant"])  # the same test files, but dog is now 2: no stale cache
+    _, y = data.load(str(tmp_path), split="test", cache=cache)
+    assert y.tolist() == [2, 2]
+    make_folder(tmp_path / "test", ["frog", "horse"])
+    with pytest.raises(data.DataError) as e:
+        data.load(str(tmp_path), split="test", cache=cache)
+    assert "classes frog, horse of" in str(e.value) and "training split" in str(e.value)
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    """I;16 is divided by 257; I is read as 16-bit (clipped to 0..65535); F is 0..1."""
+    root = tmp_path / "train"
+    for c in ("f", "i", "i16", "i16b"):
+        os.makedirs(root / c)
+    ints = np.array([[0, 1000], [30000, 65535]])
+    Image.fromarray(ints.astype(np.uint16)).save(root / "i16" / "a.png")
+    Image.fromarray(ints.astype(">u2")).save(root / "i16b" / "a.tif")
+    Image.fromarray(np.array([[-5, 1000], [30000, 70000]], np.int32)).save(root / "i" / "a.tif")
+    Image.fromarray(np.array([[-0.5, 0.25], [1.0, 2.0]], np.float32)).save(root / "f" / "a.tif")
+    assert [Image.open(root / c / f).mode for c, f in (("i16", "a.png"), ("i16b", "a.tif"), ("i", "a.tif"),
+                                                        ("f", "a.tif"))] == ["I;16", "I;16B", "I", "F"]
+    x, y = data.load(str(root), image_size=2, cache=str(tmp_path / "cache"))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 2, 2) and y.tolist() == [0, 1, 2, 3]
+    assert (x[0] == torch.tensor([[0, 64], [255, 255]])).all()        # F: 0.25 * 255 = 63.75
+    for i in (1, 2, 3):                                                 # 1000 / 257 = 3.9, 30000 / 257 = 116.7
+        assert (x[i] == torch.tensor([[0, 4], [117, 255]])).all(), (i, x[i])
+
+
+class Poison:
+    """Unpickled, it would create the file `marker`: the code a malicious cache could run."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "poisoned", "wrong type", "lengths differ"])
+def test_an_unreadable_cache_is_rebuilt(tmp_path, capsys, damage):
+    root, cache = make_folder(tmp_path / "train", ["cat", "dog"]), str(tmp_path / "cache")
+    x, y = data.load(root, cache=cache)
+    [path] = glob.glob(os.path.join(cache, "*.pt"))
+    if damage == "truncated":
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[:len(blob) // 2])
+    elif damage == "poisoned":
+        torch.save((Poison(str(tmp_path / "marker")), y), path)
+    elif damage == "wrong type":
+        torch.save((x.float(), y), path)
+    else:
+        torch.save((x, y[:2]), path)
+    capsys.readouterr()
+    x2, y2 = data.load(root, cache=cache)
+    assert torch.equal(x2, x) and torch.equal(y2, y)
+    err = capsys.readouterr().err
+    assert path in err and "could not be read" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "marker")
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(path, weights_only=True), (x, y)))  # rewritten
+
+
+@pytest.mark.parametrize("size", [0, -5])
+def test_subset_must_be_positive(tmp_path, size):
+    with pytest.raises(data.DataError, match="--subset must be a positive number of images"):
+        data.subset_indices(10, size, 0)
+    with pytest.raises(data.DataError, match="--subset must be a positive number of images"):
+        data.load(make_folder(tmp_path / "train", ["cat", "dog"]), subset=size, cache=str(tmp_path / "cache"))
+
+
+def odd_images(g):
+    """Valid images in the modes an ImageFolder meets, each a flat grey level g once decoded to RGB:
+    (file name, PIL image, the expected uint8 value)."""
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, g, g, g] * 128)
+    see_through = palette.copy()
+    see_through.info["transparency"] = 0
+    yield from [("l.png", Image.new("L", (8, 8), g), g), ("la.png", Image.new("LA", (8, 8), (g, 99)), g),
+                ("p.png", palette, g), ("p-transparent.png", see_through, g), ("p.bmp", palette, g),
+                ("rgba.png", Image.new("RGBA", (8, 8), (g, g, g, 7)), g),
+                ("cmyk.jpg", Image.new("CMYK", (8, 8), (0, 0, 0, 255 - g)), g),
+                ("bit.png", Image.new("1", (8, 8), 1), 255), ("bit.bmp", Image.new("1", (8, 8), 0), 0),
+                ("i16.png", Image.fromarray(np.full((8, 8), g * 257, np.uint16)), g),
+                ("i.tif", Image.fromarray(np.full((8, 8), g * 257, np.int32)), g),
+                ("f.tif", Image.fromarray(np.full((8, 8), g / 255, np.float32)), g),
+                ("one.png", Image.new("RGB", (1, 1), (g, g, g)), g),
+                ("wide.png", Image.new("RGB", (300, 2), (g, g, g)), g),
+                ("tall.webp", Image.new("RGB", (2, 300), (g, g, g)), g)]
+
+
+def malformed_files(real, rng):
+    """(file name, bytes) of broken files: real images cut short, with a wrong magic number or a few
+    bytes overwritten, empty files and random bytes, each under an image extension."""
+    ext = [".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"]
+    for i in range(150):
+        name, blob = real[i % len(real)]
+        yield f"cut{i}{name}", blob[:rng.randrange(len(blob))]
+    for i in range(40):
+        name, blob = real[i % len(real)]
+        yield f"magic{i}{name}", rng.randbytes(4) + blob[4:]
+    for i in range(60):
+        name, blob = real[i % len(real)]
+        blob = bytearray(blob)
+        for _ in range(rng.randint(1, 8)):
+            blob[rng.randrange(len(blob))] = rng.randrange(256)
+        yield f"flip{i}{name}", bytes(blob)
+    for e in ext:
+        yield f"empty{e}", b""
+    header = bytearray(dict(real)[".png"])  # a PNG whose header claims 60000 x 60000 pixels: a bomb
+    header[16:24] = (60000).to_bytes(4, "big") * 2
+    header[29:33] = zlib.crc32(header[12:29]).to_bytes(4, "big")
+    yield "bomb.png", bytes(header)
+    for i in range(40):
+        yield f"random{i}{rng.choice(ext)}", rng.randbytes(rng.randrange(1, 2000))
+
+
+@pytest.mark.filterwarnings("ignore:Tag data larger than file")  # PIL, on a cut-short TIFF
+def test_fuzz_the_image_folder_loader(image_root, tmp_path):
+    """Each file alone in a class folder: it decodes to uint8 N x 3 x S x S (odd modes to the right grey
+    level), or fails with a DataError that names it; never another exception."""
+    rng, cache = random.Random(0), str(tmp_path / "cache")
+    jpgs = sorted(glob.glob(str(image_root / "train" / "*" / "*.jpg")))[:8]
+    real = [(".jpg", open(f, "rb").read()) for f in jpgs]
+    for f, fmt in zip(jpgs, ["PNG", "BMP", "TIFF", "WEBP", "PPM"]):
+        out = io.BytesIO()
+        Image.open(f).save(out, fmt)
+        real.append(("." + fmt.lower(), out.getvalue()))
+    cases = [(name, blob, None) for name, blob in malformed_files(real, rng)]
+    cases += [case for g in (0, 77, 255) for case in odd_images(g)]
+    cases.append(("broken-link.jpg", "nowhere.jpg", None))
+    failed = 0
+    for i, (name, content, grey) in enumerate(cases):
+        folder = tmp_path / f"{i}" / "c"
+        os.makedirs(folder)
+        path = str(folder / name)
+        if isinstance(content, bytes):
+            open(path, "wb").write(content)
+        elif isinstance(content, str):
+            os.symlink(content, path)
+        else:
+            content.save(path)
+        try:
+            x, y = data.load_folder(str(tmp_path / f"{i}"), 8, None, 0, cache, 1)
+        except data.DataError as e:
+            assert grey is None, f"{name} (g={grey}) is a valid image: {e}"
+            assert path in str(e) and "\n" not in str(e), str(e)
+            failed += 1
+            continue
+        assert x.dtype == torch.uint8 and x.shape == (1, 3, 8, 8) and y.tolist() == [0], name
+        if grey is not None:
+            off = int((x.int() - grey).abs().max())
+            assert off <= 2, (name, grey, x[0, :, 0, 0].tolist())
+    assert failed > len(cases) // 2  # most of the broken files are caught, not decoded as noise
+
+
+def test_a_cache_that_cannot_be_written_costs_time_not_the_run(image_root, tmp_path, capsys):
+    """sysfs takes no new folders, not even from root: the images still load, with a note."""
+    import data
+    images, labels = data.load(str(image_root / "train"), subset=4, cache="/sys/byol-cache")
+    assert images.shape == (4, 3, 32, 32) and len(labels) == 4
+    assert "not cached" in capsys.readouterr().err

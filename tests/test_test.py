@@ -25,6 +25,48 @@ def test_evaluate_cli_prints_json_last(trained, image_root):
     assert json.loads(r.stdout.strip().splitlines()[-1])["augment"] is True
 
 
+class _Pickled:
+    """A pickle that would create `marker` when loaded without weights_only."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("code", "refused to load"),
+    (torch.zeros(3), "holds a Tensor, not an encoder"),
+    ([1, 2], "holds a list, not an encoder"),
+    ("nan", "NaN or Inf weights"),
+    (b"PK\x03\x04 cut short", "cannot be read"),
+])
+def test_encoder_files_that_are_not_an_encoder_are_clear_errors(trained, tmp_path, content, message):
+    """A pickle that would run code is refused and runs nothing; a tensor, a list, non-finite weights
+    (a diverged run) and a truncated file each get their own message."""
+    marker, path = tmp_path / "ran", tmp_path / "encoder.pt"
+    if content == "code":
+        torch.save({"conv1.weight": _Pickled(str(marker))}, path)
+    elif content == "nan":
+        state = torch.load(os.path.join(trained, "encoder.pt"), weights_only=True)
+        state["layer1.0.conv1.weight"][0] = float("nan")
+        torch.save(state, path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(SystemExit, match=message):
+        evaluate.load_encoder(str(path))
+    assert not marker.exists()
+
+
+def test_bad_numbers_are_usage_errors(capsys):
+    for flags in (["--k", "-1"], ["--subset", "0"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["anything", *flags])
+        assert e.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
 def test_encoder_of_another_architecture_is_a_clear_error(trained, image_root):
     r = run("test.py", trained, "--arch", "resnet50", "--data", str(image_root), "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "resnet50" in r.stderr
