@@ -1,6 +1,7 @@
 """What a run leaves on disk, and where it runs. runs/<name>/ holds config.json (the resolved recipe),
 checkpoint.pt (everything needed to resume), encoder.pt (the online encoder alone), log.jsonl (one
 line per log interval) and eval.json (test.py's figures); runs/.cache holds decoded datasets."""
+import builtins
 import ctypes
 import errno
 import fcntl
@@ -30,6 +31,23 @@ def pick_device(name=None):
     if device.type == "cpu":
         keep_freed_memory()
     return device
+
+
+def start_processes(name=None):
+    """torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) made into a process group: NCCL on GPUs,
+    one GPU per process, and gloo on the CPU. Returns (device, rank, world size); a plain `python
+    train.py` is (pick_device(name), 0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(name)
+    if world == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if torch.distributed.get_rank() > 0:  # only rank 0 prints (as torchvision's reference scripts do)
+        builtins.print = lambda *args, **kwargs: None
+    return device, torch.distributed.get_rank(), world
 
 
 def keep_freed_memory():

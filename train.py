@@ -22,9 +22,9 @@ from tqdm import tqdm
 import data
 from augment import Augment
 from evaluation import features, knn_accuracy
-from models import ARCHS, BYOL, STEMS, prepare
-from runs import (RUNS, SaveError, cache_dir, load_weights, lock, newest_run, pick_device, remove_leftovers, save_atomic,
-                  save_json, trim_log)
+from models import ARCHS, BYOL, STEMS, prepare, sync_batchnorm
+from runs import (RUNS, SaveError, cache_dir, load_weights, lock, newest_run, remove_leftovers, save_atomic, save_json,
+                  start_processes, trim_log)
 
 # ----------------------------------------------------------------------------------------------
 # The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
@@ -368,9 +368,13 @@ def load_checkpoint(resume):
     return ckpt, path
 
 
-def load_data(cfg, device):
+def load_data(cfg, device, rank=0, world=1):
     """The training set on the device as uint8 (augment.py makes the views there), its labels (-1 =
-    none; only the monitors see them) and, for the kNN monitor, the labelled test split or None."""
+    none; only the monitors see them) and, for the kNN monitor, the labelled test split or None. With
+    several processes, rank 0 decodes and caches first, the others then read its cache, and only rank
+    0 keeps the test split (the monitors are rank 0's)."""
+    if world > 1 and rank > 0:
+        torch.distributed.barrier()
     cache = cache_dir(cfg["out"])
     images, labels = data.load(cfg["data"], cfg["dataset"], "train", cfg["image_size"], cfg["subset"],
                                cfg["seed"], cache=cache, workers=cfg["workers"])
@@ -378,13 +382,15 @@ def load_data(cfg, device):
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} exceeds the {len(images)} training "
                          f"images; lower it or use more data")
     test = None
-    if cfg["knn_every"] and (labels >= 0).any():
+    if cfg["knn_every"] and (labels >= 0).any() and rank == 0:
         try:  # seed 0 whatever the run's seed: every run is scored on the same test images
             x, y = data.load(cfg["data"], cfg["dataset"], "test", cfg["image_size"], cfg["test_subset"],
                              0, cache=cache, workers=cfg["workers"])
             test = (x[y >= 0].to(device), y[y >= 0].to(device)) if (y >= 0).any() else None
         except data.DataError as e:
             print(f"note: no kNN monitor, as there is no labelled test split ({str(e).splitlines()[0]})")
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     return images.to(device), labels.to(device), test
 
 
@@ -419,7 +425,8 @@ def restore(ckpt, model, optimizer, probe, probe_optimizer, n_images, device, ou
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
+    if out:  # (None: not the process that writes)
+        save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
     return ckpt["step"], ckpt["perm"].to(device), ckpt.get("seconds", 0.0)
 
 
@@ -437,6 +444,32 @@ def save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, pe
                      step=step, perm=perm.cpu(), rng=rng, seconds=seconds,
                      config=cfg), os.path.join(out, "checkpoint.pt"))
     save_atomic(model.online.encoder.state_dict(), os.path.join(out, "encoder.pt"))
+
+
+def epoch_order(n, seed, epoch, device):
+    """The data order of one epoch, a permutation drawn from (seed, epoch) alone: every process draws
+    the same one and takes its share of each global batch, and a resumed run draws what an unbroken
+    one would."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
+
+
+def agree(stop, finite, world, device):
+    """(stop, finite) as every process must act on them: as they are in one process; with several (at log
+    steps), stop when any process was signalled and finite only when every loss was, one all-reduce."""
+    if world == 1:
+        return stop, finite
+    flags = torch.tensor([float(stop), float(not finite)], device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags[0]), not bool(flags[1])
+
+
+def same_everywhere(value, world, device):
+    """An integer as rank 0 has it, on every process (the --minutes plan)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return int(t)
 
 
 def weights_finite(model):
@@ -515,7 +548,8 @@ def open_run(out, ckpt):
     return held
 
 
-def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test, device):
+def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test, device,
+               share=None, master=True):
     """Seconds per training step (data path, Algorithm 1 and the monitors, timed after three warm-up
     steps, so after compiling), per test-split check and per checkpoint, on the real model with lr 0.
     The model, optimizer, probe and RNG are then put back exactly as they were."""
@@ -525,7 +559,7 @@ def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, imag
     monitor = Monitor(device, cfg["batch_size"])
 
     def step():
-        batch = torch.randint(len(images), (cfg["batch_size"],), device=device)
+        batch = torch.randint(len(images), (share or cfg["batch_size"],), device=device)
         loss, y1, z1 = byol_update(model, forward, optimizer, *aug(images[batch]), 0.0, cfg["tau_base"])
         monitor.add(loss, z1, probe_update(probe, probe_optimizer, y1, labels[batch]) if probe else None)
 
@@ -543,9 +577,11 @@ def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, imag
     check_s = 0.0
     if test:
         check_s = seconds(lambda: eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
-    with tempfile.TemporaryDirectory(dir=cfg["out"], prefix="time-trial-") as scratch:
-        save_s = seconds(lambda: save_checkpoint(scratch, cfg, model, optimizer, probe, probe_optimizer, 0,
-                                                 torch.arange(len(images)), device))
+    save_s = 0.0
+    if master:  # (only rank 0 writes)
+        with tempfile.TemporaryDirectory(dir=cfg["out"], prefix="time-trial-") as scratch:
+            save_s = seconds(lambda: save_checkpoint(scratch, cfg, model, optimizer, probe, probe_optimizer, 0,
+                                                     torch.arange(len(images)), device))
     for m, state in zip([m for m in (model, optimizer, probe, probe_optimizer) if m is not None], saved):
         m.load_state_dict(state)
     torch.set_rng_state(rng[0])
@@ -556,49 +592,63 @@ def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, imag
 
 def main(argv=None):
     cfg, ckpt = configure(argv)
-    device = pick_device(cfg["device"])
+    # One process per device under torchrun (rank 0 alone writes, logs and prints); else just this one.
+    device, rank, world = start_processes(cfg["device"])
+    master, share = rank == 0, cfg["batch_size"] // world                # share: images per process per step
+    if cfg["batch_size"] % world:
+        raise SystemExit(f"error: --batch-size {cfg['batch_size']} (the global batch) must split evenly over "
+                         f"the {world} processes")
     cfg["device"] = str(device)
     torch.manual_seed(cfg["seed"])
     out = cfg["out"]
 
     # Data: the training set on the device as uint8; the test split for the monitors.
-    images, labels, test = load_data(cfg, device)
+    images, labels, test = load_data(cfg, device, rank, world)
     steps_per_epoch = len(images) // cfg["batch_size"]
-    held = open_run(out, ckpt)  # only once the data is there: a failed start leaves no empty run
+    held = open_run(out, ckpt) if master else None  # once the data is there: a failed start leaves no run
 
     # Model: online, target and predictor (Sec. 3.1); precision and memory format decided here, once.
     aug = Augment(cfg["image_size"], blur=cfg["blur"])
     model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
                  cfg["stem"]).to(device)
-    forward = prepare(model, device, compile=cfg["compile"])
+    if world > 1:
+        model = sync_batchnorm(model, device)                            # BN over the global batch
+    forward = prepare(model, device, compile=cfg["compile"], distributed=world > 1)
     optimizer = make_optimizer(model, cfg)
-    probe, probe_optimizer = make_probe(model.online.projector[0].in_features, int(labels.max()) + 1, cfg, device)
+    probe, probe_optimizer = make_probe(model.online.projector[0].in_features, int(labels.max()) + 1, cfg,
+                                        device) if master else (None, None)
     if cfg["minutes"]:  # --minutes: time this machine first, then fit the whole schedule in the budget
-        times = time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test, device)
+        times = time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, images, labels, test,
+                           device, share, master)
         cfg["epochs"], cfg["planned_minutes"] = plan_minutes(cfg, steps_per_epoch, *times)
+        cfg["epochs"] = same_everywhere(cfg["epochs"], world, device)
 
     # Schedule (Sec. 3.3): one step per batch, linear lr scaling, the warm-up capped at a tenth of the run.
     total_steps = cfg["epochs"] * steps_per_epoch
     warmup_steps = min(cfg["warmup_epochs"] * steps_per_epoch, total_steps // 10)
     peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
-    step, perm, seconds = (restore(ckpt, model, optimizer, probe, probe_optimizer, len(images), device, out)
-                           if ckpt else (0, None, 0.0))
-    save_json(cfg, os.path.join(out, "config.json"))
+    step, perm, seconds = (restore(ckpt, model, optimizer, probe, probe_optimizer, len(images), device,
+                                   out if master else None) if ckpt else (0, None, 0.0))
+    if world > 1:  # each process draws its own augmentations (the data order is shared: epoch_order)
+        torch.manual_seed(cfg["seed"] + 1_000_003 * step + rank)
+    if master:
+        save_json(cfg, os.path.join(out, "config.json"))
 
-    log = open(os.path.join(out, "log.jsonl"), "a")
+    log = open(os.path.join(out, "log.jsonl"), "a") if master else None
     monitor, warned, shown = Monitor(device, cfg["batch_size"]), False, {}
-    bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True)
-    stop, saved_step, healthy = stop_on_signals(out), step, True
+    bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True,
+               disable=not master)
+    stop, stopping, saved_step, healthy = stop_on_signals(out), False, step, True
     model.train()
     t_start = time.perf_counter() - seconds                              # seconds of training, resumes included
     # Algorithm 1, one iteration per step k.
-    while step < total_steps and not stop:
+    while step < total_steps and not stopping:
         i = step % steps_per_epoch
         if i == 0 or perm is None:
-            perm = torch.randperm(len(images), device=device)
+            perm = epoch_order(len(images), cfg["seed"], step // steps_per_epoch, device)
         lr = lr_at(step, total_steps, warmup_steps, peak_lr)            # Sec. 3.3, cosine lr
         tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3, cosine tau
-        batch = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
+        batch = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]][rank * share:(rank + 1) * share]
         view1, view2 = aug(images[batch])                                # v ~ T(x), v' ~ T'(x)
         loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
         step += 1
@@ -607,15 +657,18 @@ def main(argv=None):
         monitor.add(loss, z1, hits)
         bar.update()
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-        if step % cfg["log_every"] == 0 or end_of_epoch or stop:         # the loop's only host syncs
+        at_log = step % cfg["log_every"] == 0 or end_of_epoch
+        if at_log or (stop and world == 1):                              # the loop's only host syncs
             steps, figures = monitor.read(end_of_epoch)
-            if not math.isfinite(figures["loss"]):                      # NaN or Inf: stop, save nothing
+            stopping, finite = agree(bool(stop), math.isfinite(figures["loss"]), world, device)
+            if not finite:                                               # NaN or Inf: stop, save nothing
                 healthy = False
                 break
+        if master and (at_log or stopping):
             record = dict(epoch=step / steps_per_epoch, step=step, lr=lr, tau=tau, **figures,
                           minutes=(time.perf_counter() - t_start) / 60)
             epoch = step // steps_per_epoch
-            if test and end_of_epoch and not stop and (epoch % cfg["knn_every"] == 0 or step == total_steps):
+            if test and end_of_epoch and not stopping and (epoch % cfg["knn_every"] == 0 or step == total_steps):
                 record.update(eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
             log_line(log, bar, shown, record)
             warning = collapse_warning(record["z_std_max"], cfg["collapse_z_std"], cfg["proj_dim"],
@@ -623,22 +676,30 @@ def main(argv=None):
             if warning and not warned:
                 tqdm.write(warning)
                 warned = True
-        if end_of_epoch or stop:
+        if end_of_epoch or stopping:
             if not weights_finite(model):                                # a good checkpoint is never replaced
                 healthy = False
                 break
-            save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device,
-                            time.perf_counter() - t_start)
+            if master:
+                save_checkpoint(out, cfg, model, optimizer, probe, probe_optimizer, step, perm, device,
+                                time.perf_counter() - t_start)
             saved_step = step
     bar.close()
-    log.close()
+    if master:
+        log.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if not healthy:
-        raise SystemExit(diverged(step, saved_step + 1, lr, out, saved_step))
-    if stop:
-        raise SystemExit(f"\nStopped by {signal.Signals(stop[0]).name} at step {step}/{total_steps}; saved "
-                         f"{out}/checkpoint.pt. Continue with: python train.py --resume {quote(out)}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    launch = "python" if world == 1 else f"torchrun --nproc_per_node {world}"
+    if not healthy:  # (the other processes stop with rank 0, quietly)
+        raise SystemExit(diverged(step, saved_step + 1, lr, out, saved_step) if master else 1)
+    if stopping:
+        raise SystemExit(f"\nStopped by {signal.Signals(stop[0]).name if stop else 'a signal to another process'} "
+                         f"at step {step}/{total_steps}; saved {out}/checkpoint.pt. Continue with: {launch} "
+                         f"train.py --resume {quote(out)}" if master else 1)
+    if not master:
+        return out
     cfg["train_minutes"] = (time.perf_counter() - t_start) / 60
     save_json(cfg, os.path.join(out, "config.json"))                     # the real time beside the planned
     held.close()
