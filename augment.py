@@ -21,6 +21,8 @@ BLUR_SIGMA = (0.1, 2.0)  # Appendix B, Table 6: sigma ~ U[0.1, 2.0]
 # CIFAR-10 train-set per-channel mean/std, as in the public CIFAR recipes (e.g. solo-learn, kuangliu).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The (mean, std) each recipe normalises with: CIFAR-10's above; ImageNet's, as torchvision's models.
+STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 def _bcast(v):  # (N,) -> (N,1,1,1), to scale or select a batch of images per image
@@ -245,13 +247,16 @@ class Augment:
         self.kernel_size = int(0.1 * image_size) // 2 * 2 + 1
         self._recipes = {}
 
-    def view(self, images, recipe):
+    def view(self, images, recipe, crop=True):
         """One view given a recipe of op probabilities: a VIEWS entry, or per-image (N,) tensors of
-        them (as __call__ passes). Returns normalised float32."""
+        them (as __call__ passes). crop=False: the images are crops already (the streaming path's
+        workers take them), so the crop step keeps the whole image and only flips. Returns normalised
+        float32."""
         x = to_float(images)
         N, _, H, W = x.shape
         coin = lambda op: _bcast(_coin(N, recipe[op], x.device))  # noqa: E731  (N,1,1,1) bool
-        boxes = sample_crop_boxes(N, H, W, self.scale, self.ratio, x.device)
+        boxes = sample_crop_boxes(N, H, W, self.scale, self.ratio, x.device) if crop else \
+            torch.tensor([0, 0, H, W], device=x.device).expand(N, 4)
         x = resized_crop(x, boxes, self.image_size, flip=_coin(N, recipe["flip"], x.device))  # crop, flip
         x = color_jitter(x, recipe["jitter"], **JITTER)
         x = torch.where(coin("gray"), grayscale(x), x)
@@ -263,14 +268,16 @@ class Augment:
 
     def __call__(self, images):
         """Both views as one batch of 2N, each image with its view's probabilities: every op runs once
-        for both views, not twice."""
-        x = to_float(torch.cat([images, images]))
-        n = len(images)
+        for both views, not twice. images: a uint8 batch, or (crops for view 1, crops for view 2) as the
+        streaming path's workers make them (data.StreamingFolder), which then skip the crop here."""
+        crops = isinstance(images, (tuple, list))
+        x = to_float(torch.cat(list(images) if crops else [images, images]))
+        n = len(x) // 2
         key = (n, x.device)
         if key not in self._recipes:  # per-image probabilities, N of view 1 then N of view 2
             self._recipes[key] = {op: torch.tensor([VIEWS["view1"][op]] * n + [VIEWS["view2"][op]] * n,
                                                    device=x.device) for op in VIEWS["view1"]}
-        v = self.view(x, self._recipes[key])
+        v = self.view(x, self._recipes[key], crop=not crops)
         return v[:n], v[n:]
 
 

@@ -29,6 +29,10 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
 4. FLOPs per image of one step (torch.utils.flop_counter, a multiply-add = 2 FLOPs), achieved TFLOP/s
    per variant and, on CUDA, the fraction of the device's dense bf16 peak (--peak-tflops).
 5. Peak memory: torch.cuda.max_memory_allocated per variant on CUDA, the process's max RSS on CPU.
+6. The data path in images/s, two ways on the same --images files: the in-memory path (index the
+   on-device set, aug(x)) and the streaming path of train.py --stream (--workers DataLoader workers
+   decode each file and take its two crops, then aug on the device), one whole epoch of each, the
+   median over --repeats epochs (a fresh DataLoader each epoch, as train.py makes).
 """
 import argparse
 import gc
@@ -263,6 +267,25 @@ def bench_data_path(images, aug, args, device):
     return statistics.median(seconds)
 
 
+def bench_streaming(aug, args, device):
+    """images/s of train.py's --stream data path over the same files, or None without an ImageFolder."""
+    if not data.is_image_folder(args.data):
+        return None
+    files = data.folder_files(args.data)
+    files = [files[i] for i in data.subset_indices(len(files), min(args.images, len(files)), 0).tolist()]
+    dataset, cfg = data.StreamingFolder(files, args.image_size), dict(batch_size=args.batch_size, workers=args.workers)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        for crops in train.stream_batches(dataset, torch.randperm(len(files)), 0, cfg, 0, 1, device):
+            aug(crops)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return len(files) // args.batch_size * args.batch_size / statistics.median(times)
+
+
 def count_flops(images, aug, args, device):
     """FLOPs per image of one fp32 training step, counted on a small batch (matmuls and convolutions)."""
     n = min(4, args.batch_size)
@@ -321,6 +344,7 @@ def main(argv=None):
             torch._dynamo.reset()
     release(device)
     data_s = bench_data_path(images, aug, args, device)
+    streaming = bench_streaming(aug, args, device)
     flops = count_flops(images, aug, args, device)
 
     tflops = {v: None if ips is None else flops * ips / 1e12 for v, ips in step_ips.items()}
@@ -334,7 +358,9 @@ def main(argv=None):
         step_images_per_s=step_ips, end_to_end_variant=home, end_to_end_images_per_s=e2e,
         data_path_overhead=statistics.median(shares),
         data_path_overhead_repeats=shares, data_path_ms_per_batch=1e3 * data_s,
-        data_path_share_alone=data_s / (data_s + args.batch_size / step_ips[home]), flops_per_image=flops, tflops=tflops,
+        data_path_share_alone=data_s / (data_s + args.batch_size / step_ips[home]),
+        data_path_images_per_s=dict(in_memory=args.batch_size / data_s, streaming=streaming),
+        flops_per_image=flops, tflops=tflops,
         peak_tflops=peak, peak_fraction=fraction, peak_memory_bytes=memory if cuda else None,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         seconds=time.perf_counter() - t_start,
@@ -370,6 +396,8 @@ def print_table(r, args):
           f"(median of {args.repeats} back-to-back pairs)")
     print(f"data path alone (index, aug): {r['data_path_ms_per_batch']:.1f} ms per batch, "
           f"{100 * r['data_path_share_alone']:.1f}% of data path + {r['end_to_end_variant']} step")
+    print(f"data path, images/s: in memory {num(r['data_path_images_per_s']['in_memory'])}; streaming from disk "
+          f"with {args.workers} DataLoader worker(s) {num(r['data_path_images_per_s']['streaming'])}")
     print(f"FLOPs per image per step: {r['flops_per_image'] / 1e9:.2f} GFLOP; dense bf16 peak: "
           f"{num(r['peak_tflops'], '{:.0f} TFLOP/s')}; max RSS {r['max_rss_bytes'] / 2**30:.2f} GiB; "
           f"took {r['seconds']:.0f} s")

@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 import torchvision
+import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
@@ -230,3 +231,42 @@ def mtime(file):
 
 def unreadable(file, e):
     return DataError(f"Cannot read image {file!r} ({e}). Remove or replace the file.")
+
+
+# ---- the streaming path: for sets larger than memory ----------------------------------------------
+
+def folder_files(data, split="train"):
+    """[(image path, label)] of one split of an ImageFolder, labelled as load() labels it."""
+    if not (is_image_folder(data) or is_image_folder(os.path.join(data, split))):
+        raise DataError(f"--stream reads an ImageFolder, and {data!r} is none (one sub-folder per class).")
+    train = folder_split(data, "train")
+    return labelled_files(train if split == "train" else folder_split(data, split), train)
+
+
+class StreamingFolder(torch.utils.data.Dataset):
+    """An ImageFolder read from disk every epoch, for sets larger than memory: item i is two random
+    resized crops (bicubic, antialiased: the full-size image is shrunk) of image i as uint8 3 x S x S,
+    taken in a DataLoader worker. The crop boxes follow torchvision's RandomResizedCrop, as
+    augment.sample_crop_boxes does; the rest of each view (flip, colour, blur, solarize) is made on the
+    device by augment.Augment, so both paths share one definition of the views."""
+
+    def __init__(self, files, image_size, scale=(0.08, 1.0)):
+        self.files = files
+        self.crop = T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC,
+                                        antialias=True)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i][0]) as im:
+                img = torch.from_numpy(to_rgb(im)).permute(2, 0, 1)
+        except Exception as e:
+            raise unreadable(self.files[i][0], e) from None
+        return self.crop(img), self.crop(img)
+
+
+def in_memory_bytes(n_images, image_size):
+    """What the in-memory path holds: n uint8 images of 3 x S x S."""
+    return n_images * 3 * image_size * image_size

@@ -3,19 +3,19 @@ on a set of images, and the weighted kNN classifier of the SSL literature."""
 import torch
 import torch.nn.functional as F
 
-from augment import normalize
+from augment import STATS, normalize
 from models import autocast
 
 
 @torch.no_grad()
-def features(encoder, images, device, batch_size=512):
+def features(encoder, images, device, batch_size=512, stats=STATS["cifar10"]):
     """y = f(x) for every uint8 image (N x 512 for ResNet-18): eval mode (BN running statistics),
-    normalised, no augmentation. Leaves the encoder in eval mode."""
+    normalised with stats (mean, std), no augmentation. Leaves the encoder in eval mode."""
     encoder.eval()
     out = []
     for i in range(0, len(images), batch_size):
         with autocast(device):
-            out.append(encoder(normalize(images[i:i + batch_size].to(device))).float())
+            out.append(encoder(normalize(images[i:i + batch_size].to(device), *stats)).float())
     return torch.cat(out)
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from augment import crop_flip
+from augment import STATS, crop_flip
 from evaluation import features, knn_accuracy
 from models import ARCHS, STEMS, autocast, resnet
 from runs import SaveError, cache_dir, load_weights, newest_run, pick_device, read_config, read_log, save_json
@@ -74,7 +74,7 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
 
 
 def train_linear(encoder, train_x, train_y, n_classes, device, epochs=100, lr=0.1, batch_size=256,
-                 augment=None):
+                 augment=None, stats=STATS["cifar10"]):
     """Appendix C.1: a linear classifier on the frozen representation, SGD with Nesterov momentum 0.9,
     cross-entropy, no weight decay, cosine lr. train_x is features (default) or uint8 images when
     `augment` (a function of a uint8 batch) makes random crops and flips every epoch. Features are
@@ -84,7 +84,7 @@ def train_linear(encoder, train_x, train_y, n_classes, device, epochs=100, lr=0.
         embed = lambda x: (x - mean) / std
     else:
         with torch.no_grad():
-            sample = features(encoder, train_x[:2048], device)
+            sample = features(encoder, train_x[:2048], device, stats=stats)
         mean, std = sample.mean(0), sample.std(0) + 1e-6
         def embed(x):
             with torch.no_grad(), autocast(device):
@@ -126,7 +126,8 @@ def balanced_subset(labels, fraction, seed):
     return torch.cat(picks).sort().values
 
 
-def finetune(encoder, train_x, train_y, n_classes, device, image_size, epochs=10, lr=0.05, batch_size=64):
+def finetune(encoder, train_x, train_y, n_classes, device, image_size, epochs=10, lr=0.05, batch_size=64,
+             stats=STATS["cifar10"]):
     """Sec. 4.2, semi-supervised: a copy of the encoder and a linear head on top, trained together
     (encoder in train mode) with cross-entropy on the few labelled images. Returns the network.
 
@@ -150,7 +151,7 @@ def finetune(encoder, train_x, train_y, n_classes, device, image_size, epochs=10
         for i in range(steps):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             with autocast(device):
-                logits = net(crop_flip(train_x[idx], image_size))
+                logits = net(crop_flip(train_x[idx], image_size, mean=stats[0], std=stats[1]))
             loss = F.cross_entropy(logits.float(), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -247,10 +248,12 @@ def main(argv=None):
     frozen = {k: v.clone() for k, v in encoder.state_dict().items()}
     encoder.requires_grad_(False)
     print(f"Evaluating {args.run} ({cfg['arch']}{', ImageNet stem' if cfg.get('stem') == 'imagenet' else ''}, {size} px) on {len(train_x)} train / {len(test_x)} test images")
-    f_train, f_test = features(encoder, train_x, device), features(encoder, test_x, device)
+    stats = STATS[cfg.get("normalize", "cifar10")]                      # the run's own (mean, std)
+    f_train, f_test = features(encoder, train_x, device, stats=stats), features(encoder, test_x, device, stats=stats)
     knn = knn_accuracy(f_train, train_y, f_test, test_y, k=args.k)
     classify = train_linear(encoder, train_x if args.augment else f_train, train_y, n_classes, device,
-                            args.epochs, args.lr, augment=(lambda x: crop_flip(x, size)) if args.augment else None)
+                            args.epochs, args.lr, stats=stats,
+                            augment=(lambda x: crop_flip(x, size, mean=stats[0], std=stats[1])) if args.augment else None)
     with torch.no_grad():
         top1, top5 = topk_accuracy(classify(f_test), test_y)
     # Sec. 4.1: the representation is frozen; check that nothing (weights or BN statistics) moved.
@@ -261,8 +264,8 @@ def main(argv=None):
     if args.labels is not None:                           # Sec. 4.2: on a copy of the encoder
         keep = balanced_subset(train_y, args.labels, args.seed).to(device)
         net = finetune(encoder, train_x[keep], train_y[keep], n_classes, device, size,
-                       args.finetune_epochs, args.finetune_lr)
-        semi_top1, semi_top5 = topk_accuracy(features(net, test_x, device), test_y)
+                       args.finetune_epochs, args.finetune_lr, stats=stats)
+        semi_top1, semi_top5 = topk_accuracy(features(net, test_x, device, stats=stats), test_y)
         result.update(labels=args.labels, n_labels=len(keep), semi_top1=semi_top1, semi_top5=semi_top5)
         changed = [k for k, v in encoder.state_dict().items() if not torch.equal(v, frozen[k])]
         assert not changed, f"fine-tuning changed the original encoder: {changed[:5]}"

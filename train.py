@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from augment import Augment
+from augment import STATS, Augment
 from evaluation import features, knn_accuracy
 from models import ARCHS, BYOL, STEMS, prepare, sync_batchnorm
 from runs import (RUNS, SaveError, cache_dir, load_weights, lock, newest_run, remove_leftovers, save_atomic, save_json,
@@ -53,6 +53,7 @@ DEFAULTS = dict(
     tau_base=0.99,         # EMA start, cosine to 1; solo-learn (paper: 0.996 on ImageNet)
     tau_schedule="cosine", # cosine (Sec. 3.3) | constant: tau_base throughout (Table 5a's tau = 0 row)
     blur=None,             # Gaussian blur; None = off at 32 px (solo-learn's CIFAR recipe), on above
+    normalize="cifar10",   # the (mean, std) of augment.STATS the views and features are normalised with
     seed=0,
     device=None,           # cuda when available, else cpu
     compile=False,         # torch.compile the model
@@ -61,21 +62,45 @@ DEFAULTS = dict(
     test_subset=None,      # kNN queries: a fixed random subset of this many test images (default: all)
     probe_lr=0.1,          # online linear probe, its own SGD with momentum 0.9; solo-learn's classifier_lr
     collapse_z_std=0.01,   # warn when z_std stays below this for a whole log interval (healthy: 1/sqrt(proj_dim))
-    workers=4,             # threads decoding an ImageFolder (once, then cached)
+    workers=4,             # threads decoding an ImageFolder (once, then cached); --stream: DataLoader workers (0: none)
+    stream=False,          # --stream: read an ImageFolder from disk every epoch, for sets larger than memory
     out=None,              # run directory; default runs/<time>-<dataset>-<arch>
+    recipe="cifar10",      # cifar10: this block | imagenet: the paper's (IMAGENET below) in its place
 )
+# The paper's own recipe, ImageNet with ResNet-50 (Sec. 3.3, Appendix B and C): --recipe imagenet puts
+# these in place of the values above; flags given on the command line still win. Not run here: see the
+# README ("The paper's ImageNet recipe").
+IMAGENET = dict(
+    arch="resnet50",       # Sec. 3.3 (74.3% linear top-1, Table 1)
+    image_size=224,        # Appendix B: crops resized to 224 x 224
+    stem="imagenet",       # torchvision's ResNet-50 as it is
+    batch_size=4096,       # Sec. 3.3: 4096, over 512 TPU v3 cores; the global batch under torchrun
+    optimizer="lars",      # Sec. 3.3
+    base_lr=0.2,           # Sec. 3.3: lr = 0.2 x batch / 256
+    weight_decay=1.5e-6,   # Sec. 3.3
+    eta=1e-3,              # Appendix C: LARS trust coefficient
+    lars_clip=False,       # Appendix C: the paper's LARS, no clip
+    epochs=1000,           # Sec. 3.3
+    warmup_epochs=10,      # Sec. 3.3
+    tau_base=0.996,        # Sec. 3.3
+    blur=True,             # Appendix B, Table 6: blur p 1.0 (view 1) and 0.1 (view 2), kernel 23 px at 224
+    normalize="imagenet",  # ImageNet's mean and std
+    stream=True,           # 1.28M images at 224 px are about 190 GB as uint8: read from disk
+    knn_every=0,           # the kNN monitor needs the training set in memory; the online probe remains
+)
+RECIPES = dict(cifar10={}, imagenet=IMAGENET)
 # ----------------------------------------------------------------------------------------------
 CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
-               tau_schedule=("cosine", "constant"))
+               tau_schedule=("cosine", "constant"), normalize=tuple(STATS), recipe=tuple(RECIPES))
 # What each number must be: (the smallest value allowed, whether that value itself is allowed).
 BOUNDS = dict(image_size=(8, True), subset=(1, True), test_subset=(1, True), hidden_dim=(1, True),
               proj_dim=(1, True), epochs=(1, True), minutes=(0, False), batch_size=(2, True), base_lr=(0, False),
               weight_decay=(0, True), momentum=(0, True), eta=(0, False), warmup_epochs=(0, True),
               tau_base=(0, True), log_every=(1, True), knn_every=(0, True), probe_lr=(0, False),
-              collapse_z_std=(0, True), workers=(1, True))
+              collapse_z_std=(0, True), workers=(0, True))
 # What a resumed run may change: how it runs and reports, not what its saved state means.
 RESUMABLE = ("epochs", "data", "device", "compile", "log_every", "knn_every", "test_subset", "collapse_z_std",
-             "workers", "out")
+             "workers", "stream", "out")
 CHECKPOINT_KEYS = ("online", "target", "predictor", "optimizer", "step", "perm", "rng", "config")
 
 
@@ -250,13 +275,13 @@ def collapse_warning(z_std_max, threshold, proj_dim, first_step, last_step):
             f"Table 5 row that collapses).")
 
 
-def eval_on_test_split(encoder, probe, images, labels, test, device):
+def eval_on_test_split(encoder, probe, images, labels, test, device, stats=STATS["cifar10"]):
     """The monitors on the test split, encoder in eval mode (BN running statistics): weighted kNN
     top-1 (k = 200, t = 0.1; evaluation.py) with the labelled training images in memory as the bank,
     and the online probe's top-1, the figure solo-learn publishes as "Acc@1 (online)". Puts the
     encoder back in train mode."""
     known = labels >= 0
-    bank, queries = features(encoder, images[known], device), features(encoder, test[0], device)
+    bank, queries = features(encoder, images[known], device, stats=stats), features(encoder, test[0], device, stats=stats)
     out = dict(knn_top1=knn_accuracy(bank, labels[known], queries, test[1]))
     if probe is not None:
         with torch.no_grad():
@@ -266,7 +291,8 @@ def eval_on_test_split(encoder, probe, images, labels, test, device):
 
 
 def parse_args(argv):
-    """Command-line flags override DEFAULTS. Returns (config, the flags given explicitly, --resume)."""
+    """Command-line flags override DEFAULTS (or the --recipe that replaces them). Returns (config, the
+    flags given explicitly, --resume)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for key, value in DEFAULTS.items():
@@ -289,7 +315,7 @@ def parse_args(argv):
                     + (" (BatchNorm needs 2 images per batch; the recipe uses 256)" if key == "batch_size" else ""))
     if args.get("tau_base", 0) > 1 or args.get("momentum", 0) >= 1:
         p.error("--tau-base must lie in [0, 1] and --momentum in [0, 1)")
-    return {**DEFAULTS, **args}, args, resume
+    return {**DEFAULTS, **RECIPES[args.get("recipe", "cifar10")], **args}, args, resume
 
 
 def configure(argv):
@@ -298,6 +324,8 @@ def configure(argv):
     before any data is decoded: the run directory can be written, a new run does not land in an old
     one, and a resumed run keeps the recipe its saved state means."""
     cfg, explicit, resume = parse_args(argv)
+    if cfg["stream"] and cfg["minutes"]:
+        raise SystemExit("error: --minutes times the in-memory path; with --stream, give --epochs")
     if not resume:
         source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) \
             else cfg["dataset"]
@@ -372,7 +400,16 @@ def load_data(cfg, device, rank=0, world=1):
     """The training set on the device as uint8 (augment.py makes the views there), its labels (-1 =
     none; only the monitors see them) and, for the kNN monitor, the labelled test split or None. With
     several processes, rank 0 decodes and caches first, the others then read its cache, and only rank
-    0 keeps the test split (the monitors are rank 0's)."""
+    0 keeps the test split (the monitors are rank 0's). With --stream, the training set is a
+    data.StreamingFolder read from disk each epoch, and there is no kNN monitor (it needs the
+    training images in memory as its bank)."""
+    if cfg["stream"]:
+        files = data.folder_files(cfg["data"])
+        if cfg["subset"]:
+            files = [files[i] for i in data.subset_indices(len(files), cfg["subset"], cfg["seed"]).tolist()]
+        labels = torch.tensor([label for _, label in files], device=device)
+        return data.StreamingFolder(files, cfg["image_size"]), labels, None
+    check_fits(cfg, device)
     if world > 1 and rank > 0:
         torch.distributed.barrier()
     cache = cache_dir(cfg["out"])
@@ -392,6 +429,36 @@ def load_data(cfg, device, rank=0, world=1):
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     return images.to(device), labels.to(device), test
+
+
+def check_fits(cfg, device):
+    """Before decoding an ImageFolder into memory: a clear error, naming --stream, when the set would
+    not fit (half of the device's free memory, and twice its size in the host's, for the decoding)."""
+    if not data.is_image_folder(cfg["data"]):
+        return  # CIFAR and STL-10: at most 2.7 GB
+    n = cfg["subset"] or len(data.folder_files(cfg["data"]))
+    need = data.in_memory_bytes(n, cfg["image_size"])
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = min(host / 2, torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else host / 2)
+    if need > room:
+        raise SystemExit(f"error: {n} images at {cfg['image_size']} px are {need / 2**30:.1f} GiB as uint8, more "
+                         f"than fits in memory here ({room / 2**30:.1f} GiB: half the free memory of the "
+                         f"{device.type} and of the host). Add --stream to read them from disk every epoch "
+                         f"with DataLoader workers.")
+
+
+def stream_batches(dataset, perm, start, cfg, rank, world, device):
+    """The rest of one epoch from disk (--stream), one step at a time: DataLoader workers decode this
+    process's share of every global batch of the epoch's order `perm` from step `start` on, and take
+    two random resized crops of each; pinned, then copied to the device without blocking. The order
+    is the shared epoch_order, not a DistributedSampler's, so a run resumes in the middle of an epoch."""
+    B, share, order = cfg["batch_size"], cfg["batch_size"] // world, perm.cpu()
+    shares = [order[i * B:(i + 1) * B][rank * share:(rank + 1) * share].tolist()
+              for i in range(start, len(order) // B)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg["workers"],
+                                         pin_memory=device.type == "cuda")
+    for crops1, crops2 in loader:
+        yield crops1.to(device, non_blocking=True), crops2.to(device, non_blocking=True)
 
 
 def make_probe(dim, n_classes, cfg, device):
@@ -576,7 +643,8 @@ def time_trial(cfg, model, forward, optimizer, probe, probe_optimizer, aug, imag
         elapsed, steps = elapsed + seconds(step), steps + 1
     check_s = 0.0
     if test:
-        check_s = seconds(lambda: eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
+        check_s = seconds(lambda: eval_on_test_split(model.online.encoder, probe, images, labels, test, device,
+                                                     (aug.mean, aug.std)))
     save_s = 0.0
     if master:  # (only rank 0 writes)
         with tempfile.TemporaryDirectory(dir=cfg["out"], prefix="time-trial-") as scratch:
@@ -608,7 +676,8 @@ def main(argv=None):
     held = open_run(out, ckpt) if master else None  # once the data is there: a failed start leaves no run
 
     # Model: online, target and predictor (Sec. 3.1); precision and memory format decided here, once.
-    aug = Augment(cfg["image_size"], blur=cfg["blur"])
+    stats = STATS[cfg["normalize"]]
+    aug = Augment(cfg["image_size"], cfg["blur"], *stats)
     model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
                  cfg["stem"]).to(device)
     if world > 1:
@@ -638,7 +707,7 @@ def main(argv=None):
     monitor, warned, shown = Monitor(device, cfg["batch_size"]), False, {}
     bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(out), unit="step", dynamic_ncols=True,
                disable=not master)
-    stop, stopping, saved_step, healthy = stop_on_signals(out), False, step, True
+    stop, stopping, saved_step, healthy, loader = stop_on_signals(out), False, step, True, None
     model.train()
     t_start = time.perf_counter() - seconds                              # seconds of training, resumes included
     # Algorithm 1, one iteration per step k.
@@ -646,10 +715,13 @@ def main(argv=None):
         i = step % steps_per_epoch
         if i == 0 or perm is None:
             perm = epoch_order(len(images), cfg["seed"], step // steps_per_epoch, device)
+        if cfg["stream"] and (i == 0 or loader is None):
+            loader = stream_batches(images, perm, i, cfg, rank, world, device)
         lr = lr_at(step, total_steps, warmup_steps, peak_lr)            # Sec. 3.3, cosine lr
         tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3, cosine tau
         batch = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]][rank * share:(rank + 1) * share]
-        view1, view2 = aug(images[batch])                                # v ~ T(x), v' ~ T'(x)
+        x = next(loader) if cfg["stream"] else images[batch]              # uint8 (--stream: 2 crops of each)
+        view1, view2 = aug(x)                                            # v ~ T(x), v' ~ T'(x)
         loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
         step += 1
         # Monitors, outside Algorithm 1: the online probe on y1 and the collapse monitor on z1.
@@ -669,7 +741,7 @@ def main(argv=None):
                           minutes=(time.perf_counter() - t_start) / 60)
             epoch = step // steps_per_epoch
             if test and end_of_epoch and not stopping and (epoch % cfg["knn_every"] == 0 or step == total_steps):
-                record.update(eval_on_test_split(model.online.encoder, probe, images, labels, test, device))
+                record.update(eval_on_test_split(model.online.encoder, probe, images, labels, test, device, stats))
             log_line(log, bar, shown, record)
             warning = collapse_warning(record["z_std_max"], cfg["collapse_z_std"], cfg["proj_dim"],
                                        step - steps + 1, step)

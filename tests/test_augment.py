@@ -232,3 +232,17 @@ def test_hcv_round_trip_and_hue_shift_by_half_turns(x):
     torch.testing.assert_close(A.hcv_to_rgb(*A.rgb_to_hcv(x)), x, atol=1e-5, rtol=0)
     half = torch.full((len(x),), 0.5)
     torch.testing.assert_close(A.adjust_hue(A.adjust_hue(x, half), -half), x, atol=1e-5, rtol=0)
+
+
+def test_views_of_ready_crops_only_flip_in_the_crop_step():
+    """The streaming path hands Augment two crops of each image: they keep their whole frame (no second
+    crop), flipped or not, and each list gets its own view's recipe."""
+    crops1, crops2 = _images(8), _images(8).flip(0)
+    aug = A.Augment(32)
+    no_ops = {op: 0.0 for op in A.VIEWS["view1"]}
+    torch.testing.assert_close(aug.view(crops1, no_ops, crop=False), A.normalize(crops1))
+    torch.testing.assert_close(aug.view(crops1, {**no_ops, "flip": 1.0}, crop=False),
+                               A.normalize(crops1.flip(-1)))
+    torch.manual_seed(0)
+    view1, view2 = aug((crops1, crops2))
+    assert view1.shape == view2.shape == (8, 3, 32, 32) and not torch.equal(view1, view2)

@@ -43,6 +43,9 @@ def test_fields_are_present_and_consistent(report):
     assert report["data_path_overhead"] == pytest.approx(statistics.median(shares))
     data_s, step_s = report["data_path_ms_per_batch"] / 1e3, 8 / steps["fp32"]
     assert 0 < data_s and report["data_path_share_alone"] == pytest.approx(data_s / (data_s + step_s))
+    paths = report["data_path_images_per_s"]
+    assert paths["in_memory"] == pytest.approx(8 / data_s)
+    assert paths["streaming"] is None if not os.path.isdir(CIFAR_JPG) else paths["streaming"] > 0
 
     for v, ips in steps.items():
         expected = None if ips is None else report["flops_per_image"] * ips / 1e12

@@ -527,3 +527,52 @@ def test_a_checkpoint_missing_its_data_order_or_rng_is_named(trained, tmp_path, 
     torch.save(ckpt, run_dir / "checkpoint.pt")
     with pytest.raises(SystemExit, match=f"not a checkpoint written by train.py: it lacks {drop}"):
         train.main(["--resume", str(run_dir), "--epochs", "3"])
+
+
+def test_streaming_path_trains_and_resumes(image_root, tmp_path, monkeypatch):
+    """--stream: DataLoader workers decode and crop each batch from disk; the run logs, saves, stops on
+    Ctrl-C mid-epoch and resumes there with the same data order."""
+    args = ["--data", str(image_root / "train"), "--stream", "--subset", "32", "--epochs", "2", "--workers", "2",
+            "--out", str(tmp_path / "run"), *TINY]
+    calls, augment = [], train.Augment.__call__
+
+    def interrupt_on_third_batch(self, x):
+        calls.append(x)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return augment(self, x)
+    monkeypatch.setattr(train.Augment, "__call__", interrupt_on_third_batch)
+    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/8"):
+        train.main(args)
+    assert all(isinstance(x, tuple) and x[0].shape == x[1].shape == (8, 3, 32, 32) for x in calls)
+    train.main(["--resume", str(tmp_path / "run")])
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 3, 4, 6, 8]
+    assert len(calls) == 8                                          # steps 4 to 8 after the resume
+
+
+def test_a_set_too_large_for_memory_names_stream_before_decoding(image_root):
+    r = run("train.py", "--data", str(image_root / "train"), "--image-size", "200000", *TINY)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--stream" in r.stderr
+
+
+def test_imagenet_recipe_streams_normalises_and_evaluates_as_imagenet(image_root, tmp_path):
+    """--recipe imagenet at toy size: the paper's values in the saved config (what a flag does not
+    override), the streaming path, blur, ImageNet's mean and std in training and in test.py."""
+    out = train.main(["--recipe", "imagenet", "--arch", "resnet18", "--image-size", "64", "--subset", "16",
+                      "--epochs", "1", "--workers", "0", "--data", str(image_root / "train"), "--out",
+                      str(tmp_path / "run"), *TINY])
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["recipe"], cfg["normalize"], cfg["stream"], cfg["blur"], cfg["lars_clip"]) == \
+        ("imagenet", "imagenet", True, True, False)
+    assert (cfg["base_lr"], cfg["weight_decay"], cfg["eta"], cfg["tau_base"]) == (0.2, 1.5e-6, 1e-3, 0.996)
+    assert cfg["batch_size"] == 8 and cfg["arch"] == "resnet18"                   # the flags won
+    import augment
+    seen = []
+    features = evaluate.features
+    evaluate.features = lambda *a, **k: seen.append(k.get("stats")) or features(*a, **k)
+    try:
+        evaluate.main([out, "--data", str(image_root), "--epochs", "1", "--device", "cpu"])
+    finally:
+        evaluate.features = features
+    assert seen and all(s == augment.STATS["imagenet"] for s in seen)
