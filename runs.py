@@ -50,6 +50,16 @@ def start_processes(name=None):
     return device, torch.distributed.get_rank(), world
 
 
+def host_memory_available():
+    """Bytes of memory the host can still give (Linux's MemAvailable, which counts the page cache as
+    free), or None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def keep_freed_memory():
     """glibc hands every freed buffer over 128 KiB back to the OS and page-faults it in again at the
     next allocation, which makes each fresh batch-sized tensor cost several times its arithmetic on a

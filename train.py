@@ -23,8 +23,8 @@ import data
 from augment import STATS, Augment
 from evaluation import features, knn_accuracy
 from models import ARCHS, BYOL, STEMS, prepare, sync_batchnorm
-from runs import (RUNS, SaveError, cache_dir, load_weights, lock, newest_run, remove_leftovers, save_atomic, save_json,
-                  start_processes, trim_log)
+from runs import (RUNS, SaveError, cache_dir, host_memory_available, load_weights, lock, newest_run,
+                  remove_leftovers, save_atomic, save_json, start_processes, trim_log)
 
 # ----------------------------------------------------------------------------------------------
 # The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
@@ -438,7 +438,9 @@ def check_fits(cfg, device):
         return  # CIFAR and STL-10: at most 2.7 GB
     n = cfg["subset"] or len(data.folder_files(cfg["data"]))
     need = data.in_memory_bytes(n, cfg["image_size"])
-    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    host = host_memory_available()
+    if host is None:  # no such figure on this system: do not guess
+        return
     room = min(host / 2, torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else host / 2)
     if need > room:
         raise SystemExit(f"error: {n} images at {cfg['image_size']} px are {need / 2**30:.1f} GiB as uint8, more "
@@ -670,7 +672,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     out = cfg["out"]
 
-    # Data: the training set on the device as uint8; the test split for the monitors.
+    # Data: the training set on the device as uint8 (--stream: read from disk); the test split for the monitors.
     images, labels, test = load_data(cfg, device, rank, world)
     steps_per_epoch = len(images) // cfg["batch_size"]
     held = open_run(out, ckpt) if master else None  # once the data is there: a failed start leaves no run

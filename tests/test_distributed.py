@@ -80,3 +80,29 @@ def test_epoch_order_is_shared_and_changes_every_epoch():
     assert torch.equal(a, b) and torch.equal(a.sort().values, torch.arange(100))
     assert not torch.equal(a, train.epoch_order(100, 0, 4, "cpu"))
     assert not torch.equal(a, train.epoch_order(100, 1, 3, "cpu"))
+
+
+def test_sigterm_to_torchrun_stops_every_process_at_one_step_with_one_checkpoint(image_root, tmp_path):
+    """SIGTERM to torchrun (a cluster's preemption) reaches both processes; they agree at the next log
+    step, rank 0 saves one checkpoint there and says so once, and the run resumes from it."""
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "run"
+    flags = [a for a in TINY if a not in ("--batch-size", "8")] + ["--batch-size", "16"]
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "train.py", "--data", str(image_root / "train"), "--subset", "32", "--epochs", "500",
+                            "--knn-every", "0", "--out", str(out), *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text().strip():
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-2000:]
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert (stdout + stderr).count("Stopped by SIGTERM") == 1, stderr[-2000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 1000 and step % 2 == 0                                   # a log step (--log-every 2)
+    r = _torchrun("--resume", str(out), "--epochs", str(step // 2 + 1))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == (step // 2 + 1) * 2
