@@ -245,15 +245,16 @@ def folder_files(data, split="train"):
 
 class StreamingFolder(torch.utils.data.Dataset):
     """An ImageFolder read from disk every epoch, for sets larger than memory: item i is two random
-    resized crops (bicubic, antialiased: the full-size image is shrunk) of image i as uint8 3 x S x S,
-    taken in a DataLoader worker. The crop boxes follow torchvision's RandomResizedCrop, as
-    augment.sample_crop_boxes does; the rest of each view (flip, colour, blur, solarize) is made on the
-    device by augment.Augment, so both paths share one definition of the views."""
+    resized crops of image i as uint8 3 x S x S, taken in a DataLoader worker. The crop boxes follow
+    torchvision's RandomResizedCrop, as augment.sample_crop_boxes does, and the resize is the same
+    bicubic as augment.resized_crop's, without antialiasing (as DeepMind's tf.image.resize too); the
+    rest of each view (flip, colour, blur, solarize) is made on the device by augment.Augment, so both
+    paths share one definition of the views."""
 
     def __init__(self, files, image_size, scale=(0.08, 1.0)):
         self.files = files
         self.crop = T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC,
-                                        antialias=True)
+                                        antialias=False)
 
     def __len__(self):
         return len(self.files)
