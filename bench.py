@@ -271,8 +271,8 @@ def bench_streaming(aug, args, device):
     """images/s of train.py's --stream data path over the same files, or None without an ImageFolder."""
     if not data.is_image_folder(args.data):
         return None
-    files = data.folder_files(args.data)
-    files = [files[i] for i in data.subset_indices(len(files), min(args.images, len(files)), 0).tolist()]
+    n = len(data.folder_files(args.data))
+    files = data.folder_files(args.data, subset=min(args.images, n))
     dataset, cfg = data.StreamingFolder(files, args.image_size), dict(batch_size=args.batch_size, workers=args.workers)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = []

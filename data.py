@@ -235,12 +235,14 @@ def unreadable(file, e):
 
 # ---- the streaming path: for sets larger than memory ----------------------------------------------
 
-def folder_files(data, split="train"):
-    """[(image path, label)] of one split of an ImageFolder, labelled as load() labels it."""
+def folder_files(data, split="train", subset=None, seed=0):
+    """[(image path, label)] of one split of an ImageFolder, labelled as load() labels it, and of the
+    same fixed random subset of that many images as load() takes."""
     if not (is_image_folder(data) or is_image_folder(os.path.join(data, split))):
         raise DataError(f"--stream reads an ImageFolder, and {data!r} is none (one sub-folder per class).")
     train = folder_split(data, "train")
-    return labelled_files(train if split == "train" else folder_split(data, split), train)
+    files = labelled_files(train if split == "train" else folder_split(data, split), train)
+    return files if subset is None else [files[i] for i in subset_indices(len(files), subset, seed).tolist()]
 
 
 class StreamingFolder(torch.utils.data.Dataset):

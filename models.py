@@ -142,8 +142,8 @@ def sync_batchnorm(model, device):
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BN whose training statistics are the mean and (biased) variance over every process's batch. The
     sums go through AllReduceSum, whose backward all-reduces the gradient, so the gradients are those
-    of one BN over the whole global batch. Running statistics as
-    nn.BatchNorm (unbiased variance); evaluation uses them and talks to no other process."""
+    of one BN over the whole global batch. Running statistics as nn.BatchNorm's (unbiased variance);
+    evaluation uses them and talks to no other process."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:

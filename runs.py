@@ -88,13 +88,15 @@ def save_atomic(obj, path, write=None):
             (write or torch.save)(obj, f)
         os.replace(tmp, path)
     except BaseException as e:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free if os.path.exists(tmp) else None
+        folder = os.path.dirname(os.path.abspath(path))
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        free = shutil.disk_usage(folder).free if full else None  # read before the partial file goes
         if os.path.exists(tmp):
             os.remove(tmp)
         if not isinstance(e, OSError):
             raise
-        why = (f"the disk holding {os.path.dirname(os.path.abspath(path))} is full ({free / 2**20:.0f} MiB "
-               f"free with the partial file)" if e.errno == errno.ENOSPC else e.strerror or str(e))
+        why = (f"the disk holding {folder} is full ({free / 2**20:.0f} MiB free with the partial file)" if full
+               else e.strerror or str(e))
         raise SaveError(f"Could not write {path}: {why}. The partial file is removed and the previous "
                         f"{os.path.basename(path)}, if there was one, is kept.") from None
 

@@ -404,9 +404,7 @@ def load_data(cfg, device, rank=0, world=1):
     data.StreamingFolder read from disk each epoch, and there is no kNN monitor (it needs the
     training images in memory as its bank)."""
     if cfg["stream"]:
-        files = data.folder_files(cfg["data"])
-        if cfg["subset"]:
-            files = [files[i] for i in data.subset_indices(len(files), cfg["subset"], cfg["seed"]).tolist()]
+        files = data.folder_files(cfg["data"], subset=cfg["subset"], seed=cfg["seed"])
         labels = torch.tensor([label for _, label in files], device=device)
         return data.StreamingFolder(files, cfg["image_size"]), labels, None
     check_fits(cfg, device)
@@ -441,7 +439,7 @@ def check_fits(cfg, device):
     host = host_memory_available()
     if host is None:  # no such figure on this system: do not guess
         return
-    room = min(host / 2, torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else host / 2)
+    room = host / 2 if device.type != "cuda" else min(host, torch.cuda.mem_get_info(device)[0]) / 2
     if need > room:
         raise SystemExit(f"error: {n} images at {cfg['image_size']} px are {need / 2**30:.1f} GiB as uint8, more "
                          f"than fits in memory here ({room / 2**30:.1f} GiB: half the free memory of the "
@@ -454,9 +452,9 @@ def stream_batches(dataset, perm, start, cfg, rank, world, device):
     process's share of every global batch of the epoch's order `perm` from step `start` on, and take
     two random resized crops of each; pinned, then copied to the device without blocking. The order
     is the shared epoch_order, not a DistributedSampler's, so a run resumes in the middle of an epoch."""
-    B, share, order = cfg["batch_size"], cfg["batch_size"] // world, perm.cpu()
-    shares = [order[i * B:(i + 1) * B][rank * share:(rank + 1) * share].tolist()
-              for i in range(start, len(order) // B)]
+    order = perm.cpu()
+    shares = [share_of(order, i, cfg["batch_size"], rank, world).tolist()
+              for i in range(start, len(order) // cfg["batch_size"])]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg["workers"],
                                          pin_memory=device.type == "cuda")
     for crops1, crops2 in loader:
@@ -522,6 +520,12 @@ def epoch_order(n, seed, epoch, device):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
 
 
+def share_of(perm, i, batch_size, rank, world):
+    """This process's part of the epoch's i-th global batch: the rank-th of its `world` equal parts."""
+    share = batch_size // world
+    return perm[i * batch_size:(i + 1) * batch_size][rank * share:(rank + 1) * share]
+
+
 def agree(stop, finite, world, device):
     """(stop, finite) as every process must act on them: as they are in one process; with several (at log
     steps), stop when any process was signalled and finite only when every loss was, one all-reduce."""
@@ -542,7 +546,7 @@ def same_everywhere(value, world, device):
 
 
 def weights_finite(model):
-    """True when every weight of the online and target networks is finite (one host sync)."""
+    """True when every weight of the model (online, predictor, target) is finite (one host sync)."""
     return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
@@ -721,7 +725,7 @@ def main(argv=None):
             loader = stream_batches(images, perm, i, cfg, rank, world, device)
         lr = lr_at(step, total_steps, warmup_steps, peak_lr)            # Sec. 3.3, cosine lr
         tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3, cosine tau
-        batch = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]][rank * share:(rank + 1) * share]
+        batch = share_of(perm, i, cfg["batch_size"], rank, world)
         x = next(loader) if cfg["stream"] else images[batch]              # uint8 (--stream: 2 crops of each)
         view1, view2 = aug(x)                                            # v ~ T(x), v' ~ T'(x)
         loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
