@@ -14,7 +14,7 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
    (antialias=True); Augment's bicubic crop resize does not.
 2. One BYOL training step, images/s: train.byol_update (two views through online and target, loss,
    backward, LARS, EMA) on real augmented batches, median of --repeats timings of --steps steps each.
-   Variants (each built by models.prepare, as train.py builds its model; cuDNN convolutions still use
+   Variants (each built by devices.prepare, as train.py builds its model; cuDNN convolutions still use
    TF32 by default in the fp32 ones):
      fp32           NCHW model and views, no autocast (on CPU: exactly train.py's step)
      channels_last  channels_last model and views, no autocast
@@ -51,8 +51,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import augment
 import data
 import train
-from models import BYOL, prepare
-from runs import cache_dir, pick_device
+from batches import stream_batches
+from devices import pick_device, prepare
+from files import cache_dir
+from models import BYOL
+from optim import make_optimizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("fp32", "channels_last", "bf16", "compile")
@@ -213,14 +216,14 @@ def bench_augment(images, aug, args, device):
 # ---- 2-4. the training step ----------------------------------------------------------------------
 
 def build(variant, args, device):
-    """(model, forward, optimizer) for one variant, fresh; models.prepare sets its precision and
+    """(model, forward, optimizer) for one variant, fresh; devices.prepare sets its precision and
     memory format as train.py does, except that fp32 and channels_last force autocast off."""
     model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"]).to(device)
     if variant in ("fp32", "channels_last"):
         forward = prepare(model, device, channels_last=variant == "channels_last", bf16=False)
     else:
         forward = prepare(model, device, compile=variant == "compile")
-    return model, forward, train.make_optimizer(model, train.DEFAULTS)
+    return model, forward, make_optimizer(model, train.DEFAULTS)
 
 
 def lr_tau(args):
@@ -279,7 +282,7 @@ def bench_streaming(aug, args, device):
     for _ in range(args.repeats):
         sync()
         t0 = time.perf_counter()
-        for crops in train.stream_batches(dataset, torch.randperm(len(files)), 0, cfg, 0, 1, device):
+        for crops in stream_batches(dataset, torch.randperm(len(files)), 0, cfg, 0, 1, device):
             aug(crops)
         sync()
         times.append(time.perf_counter() - t0)

@@ -21,7 +21,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from runs import SaveError, cache_dir, save_atomic
+from files import SaveError, UserError, cache_dir, save_atomic
 
 DATASETS = ("cifar10", "cifar100", "stl10")
 DEFAULT_ROOT = "data"  # torchvision downloads here
@@ -38,7 +38,7 @@ for example:  python train.py --data path/to/cifar10/train
 that holds train/ and test/ such folders)."""
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A mistake the user can fix (missing folder, corrupt image, no network); printed without a traceback."""
 
 

@@ -3,10 +3,8 @@ import copy
 from collections import OrderedDict
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torchvision
-from torch.nn.parallel import DistributedDataParallel
 
 from loss import byol_loss
 
@@ -91,91 +89,3 @@ class BYOL(nn.Module):
         if not hasattr(self, "_ema_pairs"):
             self._ema_pairs = (list(self.target.parameters()), list(self.online.parameters()))
         torch._foreach_lerp_(*self._ema_pairs, 1.0 - tau)
-
-
-# ---- how the networks run: decided once, where the model is built ------------------------------------
-
-def autocast(device):
-    """bf16 autocast on CUDA (the paper trains in bfloat16 on TPUs, Appendix C), off elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def prepare(model, device, compile=False, channels_last=None, bf16=None, distributed=False):
-    """Returns forward(view1, view2) running `model` as it should run on `device`: on CUDA with
-    channels_last weights and views and bf16 autocast (each can be forced on or off, as bench.py
-    does), optionally torch.compile'd; with distributed=True (torchrun), wrapped in PyTorch's
-    DistributedDataParallel, which averages the gradients of every process before the optimizer
-    step. Algorithm 1's update (train.byol_update) just calls it."""
-    cuda = device.type == "cuda"
-    fmt = torch.channels_last if (cuda if channels_last is None else channels_last) else torch.contiguous_format
-    model.to(memory_format=fmt)
-    net = model
-    if distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    net = torch.compile(net) if compile else net
-    precision = autocast(device) if bf16 is None else torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-
-    def forward(view1, view2):
-        with precision:
-            return net(view1.contiguous(memory_format=fmt), view2.contiguous(memory_format=fmt))
-    return forward
-
-
-def sync_batchnorm(model, device):
-    """BatchNorm over the global batch of all processes, as the paper computes BN statistics over its
-    whole batch of 4096 across TPU cores (Appendix C): PyTorch's nn.SyncBatchNorm on GPUs, and on the
-    CPU, where nn.SyncBatchNorm does not run, GlobalBatchNorm, the same computation over gloo."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
-            bn.weight, bn.bias = child.weight, child.bias   # the same tensors: the target's stay frozen
-            bn.running_mean, bn.running_var = child.running_mean, child.running_var
-            bn.num_batches_tracked = child.num_batches_tracked
-            setattr(model, name, bn)
-        else:
-            sync_batchnorm(child, device)
-    return model
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BN whose training statistics are the mean and (biased) variance over every process's batch. The
-    sums go through AllReduceSum, whose backward all-reduces the gradient, so the gradients are those
-    of one BN over the whole global batch. Running statistics as nn.BatchNorm's (unbiased variance);
-    evaluation uses them and talks to no other process."""
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"expected a batch of at least 2-D inputs, got {x.dim()}-D")
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        n = x.numel() // x.shape[1] * dist.get_world_size()             # values per channel, all processes
-        mean = AllReduceSum.apply(x.sum(dims)) / n
-        centred = x - mean.view(shape)
-        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
-        return centred * torch.rsqrt(var + self.eps).view(shape) * self.weight.view(shape) + self.bias.view(shape)
-
-
-class AllReduceSum(torch.autograd.Function):
-    """The sum of a tensor over all processes; its gradient is likewise summed over all processes, since
-    every process's loss depends on the sum."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad

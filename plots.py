@@ -12,7 +12,8 @@ import torch
 
 import data
 from augment import CIFAR10_MEAN, CIFAR10_STD, Augment, to_float
-from runs import cache_dir, newest_run, read_config, read_log
+from files import cache_dir, read_config, read_log
+from runs import newest_run
 
 ASSETS = "README.assets"
 

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +23,10 @@ from tqdm import tqdm
 import data
 from augment import STATS, crop_flip
 from evaluation import features, knn_accuracy
-from models import ARCHS, STEMS, autocast, resnet
-from runs import SaveError, cache_dir, load_weights, newest_run, pick_device, read_config, read_log, save_json
+from devices import autocast, pick_device
+from files import cache_dir, load_weights, read_config, read_log, save_json
+from models import ARCHS, STEMS, resnet
+from runs import cli, newest_run
 
 # Published CIFAR-10 results of BYOL with a ResNet-18 (the paper reports ImageNet only), for the
 # comparison printed after a CIFAR-10 resnet18 evaluation: (value, what and where).
@@ -283,7 +284,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, SaveError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, interrupted="\nStopped; nothing on disk was changed.")

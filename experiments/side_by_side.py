@@ -126,7 +126,7 @@ def independent(args, seed, images, labels, monitor, log):
               dict(params=[p for p in params if p.ndim == 1], weight_decay=0.0)]  # Appendix C
     opt = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     if "optimizer" in args.swap:
-        from train import make_optimizer
+        from optim import make_optimizer
         opt = make_optimizer(nn.ModuleList([online, predictor]), dict(weight_decay=args.weight_decay, momentum=0.9,
                                                                     optimizer=args.optimizer, eta=0.02, lars_clip=True))
     if "views" in args.swap:

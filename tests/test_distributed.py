@@ -4,12 +4,13 @@ import json
 import os
 import sys
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train
-from models import prepare, sync_batchnorm
+from batches import epoch_order
+from devices import prepare
+from optim import make_optimizer
+from train import DEFAULTS, byol_update
 from tests.conftest import ROOT, TINY, small_byol
 
 STEPS, BATCH = 3, 8
@@ -24,14 +25,13 @@ def _train(rank, world, init_file, out):
     if world > 1:
         torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                              world_size=world)
-        model = sync_batchnorm(model, device)
-    forward = prepare(model, device, distributed=world > 1)
-    optimizer = train.make_optimizer(model, dict(train.DEFAULTS))  # the recipe's LARS
+    forward = prepare(model, device, distributed=world > 1)  # BN over the global batch, and DDP
+    optimizer = make_optimizer(model, dict(DEFAULTS))  # the recipe's LARS
     g, share = torch.Generator().manual_seed(1), BATCH // world
     for _ in range(STEPS):
         view1, view2 = (torch.randn(BATCH, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2))
         mine = slice(rank * share, (rank + 1) * share)
-        train.byol_update(model, forward, optimizer, view1[mine], view2[mine], lr=0.5, tau=0.99)
+        byol_update(model, forward, optimizer, view1[mine], view2[mine], lr=0.5, tau=0.99)
     torch.save(model.state_dict(), os.path.join(out, f"rank{rank}-of-{world}.pt"))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -76,10 +76,10 @@ def test_torchrun_trains_writes_once_and_resumes(image_root, tmp_path):
 
 
 def test_epoch_order_is_shared_and_changes_every_epoch():
-    a, b = train.epoch_order(100, 0, 3, "cpu"), train.epoch_order(100, 0, 3, "cpu")
+    a, b = epoch_order(100, 0, 3, "cpu"), epoch_order(100, 0, 3, "cpu")
     assert torch.equal(a, b) and torch.equal(a.sort().values, torch.arange(100))
-    assert not torch.equal(a, train.epoch_order(100, 0, 4, "cpu"))
-    assert not torch.equal(a, train.epoch_order(100, 1, 3, "cpu"))
+    assert not torch.equal(a, epoch_order(100, 0, 4, "cpu"))
+    assert not torch.equal(a, epoch_order(100, 1, 3, "cpu"))
 
 
 def test_sigterm_to_torchrun_stops_every_process_at_one_step_with_one_checkpoint(image_root, tmp_path):

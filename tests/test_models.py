@@ -1,10 +1,11 @@
 """models.py: the encoder and its stems, the online / target / predictor networks, the EMA, and
-models.prepare (where precision and memory format are decided)."""
+devices.prepare (where precision and memory format are decided)."""
 import pytest
 import torch
 import torchvision
 
-from models import prepare, resnet
+from devices import prepare
+from models import resnet
 from tests.conftest import small_byol
 
 

@@ -1,0 +1,185 @@
+"""Where and how the networks run: the device (cuda or cpu), torchrun's processes (DDP, BatchNorm over
+the global batch, the processes' agreements), and precision and memory format (bf16 autocast and
+channels_last on CUDA, torch.compile). Decided here, once, so that Algorithm 1's update does not."""
+import builtins
+import ctypes
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def pick_device(name=None):
+    """torch.device(name), or cuda when PyTorch sees a GPU and cpu otherwise; asking for cuda without
+    one is the user's mistake, said plainly. On the CPU, also keep_freed_memory()."""
+    if name and name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}, but PyTorch sees no CUDA GPU here; use --device cpu")
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
+def start_processes(name=None):
+    """torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) made into a process group: NCCL on GPUs,
+    one GPU per process, and gloo on the CPU. Returns (device, rank, world size); a plain `python
+    train.py` is (pick_device(name), 0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(name)
+    if world == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:  # only rank 0 prints (as torchvision's reference scripts do)
+        builtins.print = lambda *args, **kwargs: None
+    return device, dist.get_rank(), world
+
+
+def end_processes(world):
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def any_process(flag, world, device):
+    """True when `flag` is true in any process (one all-reduce), as every process must act on it alike:
+    stop when any was signalled, stop when any loss is NaN. In one process, the flag itself."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def same_everywhere(value, world, device):
+    """An integer as rank 0 has it, on every process (the --minutes plan)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.broadcast(t, src=0)
+    return int(t)
+
+
+def synchronize(device):
+    """Waits for the device's queued work (to time it); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_memory_available():
+    """Bytes of memory the host can still give (Linux's MemAvailable, which counts the page cache as
+    free), or None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def keep_freed_memory():
+    """glibc hands every freed buffer over 128 KiB back to the OS and page-faults it in again at the
+    next allocation, which makes each fresh batch-sized tensor cost several times its arithmetic on a
+    CPU. Raising the two thresholds keeps freed buffers for reuse, as PyTorch's caching allocator
+    does on CUDA (bench.py shows the difference in the augmentation). A no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 256 << 20)   # M_MMAP_THRESHOLD: buffers up to 256 MiB come from the heap
+    libc.mallopt(-1, 512 << 20)   # M_TRIM_THRESHOLD: keep up to 512 MiB of freed heap
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (the paper trains in bfloat16 on TPUs, Appendix C), off elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def prepare(model, device, compile=False, channels_last=None, bf16=None, distributed=False):
+    """Returns forward(view1, view2) running `model` as it should run on `device`: on CUDA with
+    channels_last weights and views and bf16 autocast (each can be forced on or off, as bench.py
+    does), optionally torch.compile'd; with distributed=True (torchrun), BatchNorm over the global
+    batch (sync_batchnorm, in place) and PyTorch's DistributedDataParallel, which averages the
+    gradients of every process before the optimizer step. train.byol_update just calls it."""
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if (cuda if channels_last is None else channels_last) else torch.contiguous_format
+    model.to(memory_format=fmt)
+    net = model
+    if distributed:
+        sync_batchnorm(model, device)
+        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    net = torch.compile(net) if compile else net
+    precision = autocast(device) if bf16 is None else torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+    def forward(view1, view2):
+        with precision:
+            return net(view1.contiguous(memory_format=fmt), view2.contiguous(memory_format=fmt))
+    return forward
+
+
+def sync_batchnorm(model, device):
+    """Every BatchNorm of the model over the global batch of all processes, in place, as the paper
+    computes BN statistics over its whole batch of 4096 across TPU cores (Appendix C): PyTorch's
+    nn.SyncBatchNorm on GPUs, and on the CPU, where nn.SyncBatchNorm does not run, GlobalBatchNorm,
+    the same computation over gloo. Each keeps the original's parameters and buffers."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            bn.weight, bn.bias = child.weight, child.bias   # the same tensors: the target's stay frozen
+            bn.running_mean, bn.running_var = child.running_mean, child.running_var
+            bn.num_batches_tracked = child.num_batches_tracked
+            setattr(model, name, bn)
+        else:
+            sync_batchnorm(child, device)
+    return model
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BN whose training statistics are the mean and (biased) variance over every process's batch. The
+    sums go through AllReduceSum, whose backward all-reduces the gradient, so the gradients are those
+    of one BN over the whole global batch. Running statistics as nn.BatchNorm's (unbiased variance);
+    evaluation uses them and talks to no other process."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch of at least 2-D inputs, got {x.dim()}-D")
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * dist.get_world_size()             # values per channel, all processes
+        mean = AllReduceSum.apply(x.sum(dims)) / n
+        centred = x - mean.view(shape)
+        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        return centred * torch.rsqrt(var + self.eps).view(shape) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over all processes; its gradient is likewise summed over all processes, since
+    every process's loss depends on the sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
