@@ -12,11 +12,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def pick_device(name=None):
-    """torch.device(name), or cuda when PyTorch sees a GPU and cpu otherwise; asking for cuda without
-    one is the user's mistake, said plainly. On the CPU, also keep_freed_memory()."""
-    if name and name.startswith("cuda") and not torch.cuda.is_available():
+    """torch.device(name), or cuda when PyTorch sees a GPU and cpu otherwise. A name that is no device
+    here (--device foo, cuda without a GPU, cuda:3 on a machine with one) is the user's mistake, said
+    plainly. On the CPU, also keep_freed_memory()."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}, but PyTorch sees no CUDA GPU here; use --device cpu")
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}, but PyTorch sees {torch.cuda.device_count()} GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {name}: this project runs on cpu or cuda")
     if device.type == "cpu":
         keep_freed_memory()
     return device

@@ -6,10 +6,15 @@ import os
 import pickle
 import shlex
 import shutil
+import signal
+import tempfile
 
 import torch
 
 RUNS = "runs"
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 class UserError(Exception):
@@ -33,27 +38,70 @@ def quote(path):
 
 
 def save_atomic(obj, path, write=None):
-    """write(obj, file) into path.tmp, then rename: a crash mid-write never leaves a broken file. A
-    write that fails (a full disk) removes its partial file, keeps the previous file as it was and
-    raises SaveError saying why. The file is opened here, in Python, so that a full disk surfaces as
-    ENOSPC rather than as a C++ error from torch.save."""
-    tmp = path + ".tmp"
+    """write(obj, file) into a fresh temporary file beside path (.NAME.XXXXXXXX.tmp, made with O_EXCL, so
+    never an existing file or link), flushed to disk, then renamed over path: a crash or a power cut
+    mid-write never leaves a broken file, and a link at path is replaced, never written through. Ctrl-C and SIGTERM wait until the file
+    is whole. A write that fails (a full disk) removes its temporary file, keeps the previous file and
+    raises SaveError saying why, read through torch.save's own error to the OSError beneath it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # delivered once the file is whole
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~UMASK)                                  # as open() would make it
+        with os.fdopen(fd, "wb") as f:
             (write or torch.save)(obj, f)
+            f.flush()
+            os.fsync(f.fileno())                                       # on disk before it takes the name
         os.replace(tmp, path)
+        sync_folder(folder)
     except BaseException as e:
-        folder = os.path.dirname(os.path.abspath(path))
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        cause = os_error(e)
+        full = cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
         free = shutil.disk_usage(folder).free if full else None  # read before the partial file goes
-        if os.path.exists(tmp):
+        if tmp and os.path.lexists(tmp):
             os.remove(tmp)
-        if not isinstance(e, OSError):
+        if cause is None:
             raise
         why = (f"the disk holding {folder} is full ({free / 2**20:.0f} MiB free with the partial file)" if full
-               else e.strerror or str(e))
+               else cause.strerror or str(cause))
         raise SaveError(f"Could not write {path}: {why}. The partial file is removed and the previous "
-                        f"{os.path.basename(path)}, if there was one, is kept.") from None
+                        f"{name}, if there was one, is kept.") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def sync_folder(folder):
+    """The folder's entries on disk (a rename survives a power cut), where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def os_error(e):
+    """The OSError behind an exception (torch.save raises a RuntimeError over a failed write), or None."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def open_to_append(path):
+    """path opened to append text, refusing a symbolic link there (O_NOFOLLOW): a file in a run folder is
+    never written through a link, which could point anywhere."""
+    try:
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UserError(f"{path} is a symbolic link, and this project never writes through one (it could point "
+                        f"outside the run folder). Remove the link (rm {quote(path)}) and run again.") from None
 
 
 def save_json(obj, path):
@@ -68,7 +116,10 @@ def save_lines(records, path):
 
 def load_weights(path):
     """torch.load with weights_only=True: tensors and plain data only, so that a file from elsewhere
-    cannot run code. A refused or unreadable file is a clear error, not a traceback."""
+    cannot run code. A refused, empty or unreadable file is a clear error, not a traceback."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise SystemExit(f"error: {path} is empty (0 bytes), as a power cut or a crashed disk can leave a file "
+                         f"that was being written. It holds nothing to load: use another copy, or train again.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -77,25 +128,41 @@ def load_weights(path):
                          f"only; load only files you trust.") from None
     except Exception as e:
         raise SystemExit(f"error: {path} cannot be read; it may be truncated or not a file this project "
-                         f"wrote ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                         f"wrote ({type(e).__name__}: {first_line(e)})") from None
+
+
+def first_line(e):
+    """The first line of an exception's message (its type where it has none), at most 200 characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def read_config(run_dir):
-    """The run's config.json as a dict ({} when there is none)."""
+    """The run's config.json as a dict ({} when there is none); a file cut short or not a JSON object is a
+    UserError naming it."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    with open(path, "rb") as f:
+        try:
+            cfg = json.loads(f.read().decode())
+        except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            cfg = None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a config that train.py wrote: it is cut short or not a JSON object. "
+                        f"Delete it and tell test.py what the encoder is (--arch, --image-size, --stem, --data).")
+    return cfg
 
 
 def read_log(path):
-    """The records of a log.jsonl, skipping a line cut short by a crash."""
+    """The records of a log.jsonl: each line that is a JSON object, skipping a line cut short by a crash
+    and any line that is no record (a stray byte, a list)."""
     records = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line.decode())
+            except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
