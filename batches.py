@@ -1,6 +1,9 @@
 """What each training step reads: the training set on the device as uint8 (with --stream, read from
 disk by DataLoader workers instead), one data order per epoch that every process shares, and this
 process's share of each global batch; and the labelled test split the monitors score."""
+import hashlib
+import os
+
 import torch
 
 import data
@@ -11,10 +14,10 @@ from files import cache_dir
 class Batches:
     """Step k's batch: epoch k // S's data order (epoch_order), its (k mod S)-th global batch of
     --batch-size images, and this process's share of it (S = steps_per_epoch). perm is the current
-    epoch's order, which checkpoints save."""
+    epoch's order, which checkpoints save; fingerprint says what the images hold (a resumed run checks it)."""
 
-    def __init__(self, images, labels, cfg, rank, world, device):
-        self.images, self.labels, self.cfg, self.device = images, labels, cfg, device
+    def __init__(self, images, labels, cfg, rank, world, device, fingerprint=None):
+        self.images, self.labels, self.cfg, self.device, self.fingerprint = images, labels, cfg, device, fingerprint
         self.rank, self.world = rank, world
         self.steps_per_epoch = len(images) // cfg["batch_size"]
         self.perm, self.loader = None, None
@@ -49,7 +52,10 @@ def training_data(cfg, device, rank=0, world=1):
     if cfg["stream"]:
         files = data.folder_files(cfg["data"], subset=cfg["subset"], seed=cfg["seed"])
         labels = torch.tensor([label for _, label in files], device=device)
-        return Batches(data.StreamingFolder(files, cfg["image_size"]), labels, cfg, rank, world, device), None
+        named = [(os.path.relpath(path, os.path.dirname(os.path.dirname(path))), size(path))
+                 for path, _ in files]                                    # class/file and size: not the content
+        return Batches(data.StreamingFolder(files, cfg["image_size"]), labels, cfg, rank, world, device,
+                       digest(repr(named).encode())), None
     check_fits(cfg, device)
     if rank > 0:
         barrier(world)
@@ -69,7 +75,19 @@ def training_data(cfg, device, rank=0, world=1):
             print(f"note: no kNN monitor, as there is no labelled test split ({str(e).splitlines()[0]})")
     if rank == 0:
         barrier(world)
-    return Batches(images.to(device), labels.to(device), cfg, rank, world, device), test
+    return Batches(images.to(device), labels.to(device), cfg, rank, world, device, digest(images.contiguous().numpy())), test
+
+
+def size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError as e:  # gone since it was listed
+        raise data.unreadable(path, e) from None
+
+
+def digest(data):
+    """16 hex digits of blake2b over bytes or an array's memory: what the training images are."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def check_fits(cfg, device):
@@ -107,11 +125,16 @@ def stream_batches(dataset, perm, start, cfg, rank, world, device):
     """The rest of one epoch from disk (--stream), one step at a time: DataLoader workers decode this
     process's share of every global batch of the epoch's order `perm` from step `start` on, and take
     two random resized crops of each; pinned, then copied to the device without blocking. The order
-    is the shared epoch_order, not a DistributedSampler's, so a run resumes in the middle of an epoch."""
+    is the shared epoch_order, not a DistributedSampler's, so a run resumes in the middle of an epoch.
+    An image a worker cannot read ends the run with data.py's one-paragraph DataError naming it."""
     order = perm.cpu()
     shares = [share_of(order, i, cfg["batch_size"], rank, world).tolist()
               for i in range(start, len(order) // cfg["batch_size"])]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg["workers"],
                                          pin_memory=device.type == "cuda")
-    for crops1, crops2 in loader:
-        yield crops1.to(device, non_blocking=True), crops2.to(device, non_blocking=True)
+    try:
+        for crops1, crops2 in loader:
+            yield crops1.to(device, non_blocking=True), crops2.to(device, non_blocking=True)
+    except data.DataError as e:  # from a worker, its message is "Caught DataError in DataLoader worker process
+        # N.\nOriginal Traceback ...\ndata.DataError: <ours>\n" (torch/_utils.py, ExceptionWrapper.reraise)
+        raise data.DataError(str(e).rpartition("\ndata.DataError: ")[2].strip()) from None

@@ -34,6 +34,7 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
    decode each file and take its two crops, then aug on the device), one whole epoch of each, the
    median over --repeats epochs (a fresh DataLoader each epoch, as train.py makes).
 """
+import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import argparse
 import gc
 import json
@@ -52,10 +53,12 @@ import augment
 import data
 import train
 from batches import stream_batches
-from devices import pick_device, prepare
+from devices import host_memory_available, pick_device, prepare
 from files import cache_dir
-from models import BYOL
+from flags import number
+from models import ARCHS, BYOL
 from optim import make_optimizer
+from runs import cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("fp32", "channels_last", "bf16", "compile")
@@ -66,35 +69,29 @@ PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "RT
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, help="images per step; default 256 on cuda, 64 on cpu, 8 --quick")
-    p.add_argument("--arch", default=train.DEFAULTS["arch"], help="resnet18 | resnet50")
-    p.add_argument("--image-size", type=int, default=train.DEFAULTS["image_size"], help="px")
-    p.add_argument("--hidden-dim", type=int, default=train.DEFAULTS["hidden_dim"], help="projector/predictor width")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader processes for torchvision (and CPU threads for Augment)")
-    p.add_argument("--images", type=int, help="images loaded from --data; default 2048, 64 with --quick")
-    p.add_argument("--repeats", type=int, help="timed repeats, the median is reported; default 5 cuda, 3 cpu, 2 --quick")
-    p.add_argument("--steps", type=int, help="steps per timed repeat; default 20 cuda, 2 cpu, 1 --quick")
-    p.add_argument("--warmup", type=int, help="untimed steps first; default 5 cuda, 1 cpu")
+    p.add_argument("--batch-size", type=number(int, 2, 4096), help="per step; default 256 cuda, 64 cpu, 8 --quick")
+    p.add_argument("--arch", default=train.DEFAULTS["arch"], choices=ARCHS)
+    p.add_argument("--image-size", type=number(int, 8, 1024), default=train.DEFAULTS["image_size"], help="px")
+    p.add_argument("--hidden-dim", type=number(int, 1, 65536), default=train.DEFAULTS["hidden_dim"], help="MLP width")
+    p.add_argument("--workers", type=number(int, 0, 256), default=1, help="DataLoader workers, Augment's CPU threads")
+    p.add_argument("--images", type=number(int, 1, 10**7), help="images from --data; default 2048, 64 --quick")
+    p.add_argument("--repeats", type=number(int, 1, 1000), help="timed repeats (the median): 5 cuda, 3 cpu, 2 --quick")
+    p.add_argument("--steps", type=number(int, 1, 10_000), help="steps per repeat; default 20 cuda, 2 cpu, 1 --quick")
+    p.add_argument("--warmup", type=number(int, 0, 10_000), help="untimed steps first; default 5 cuda, 1 cpu")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
-    p.add_argument("--peak-tflops", type=float, help="device's dense bf16 peak; default by device name")
+    p.add_argument("--peak-tflops", type=number(float, 1e-3, 1e6), help="dense bf16 peak; default by device name")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg", "train"),
                    help="an ImageFolder of real images (default: the shared CIFAR-10 JPEGs)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every field in seconds (and compile, if asked)")
     args = p.parse_args(argv)
-    if args.device and args.device != "cpu" and not args.device.startswith("cuda"):
-        raise SystemExit(f"error: --device {args.device!r}: use cpu or cuda")
     args.device = str(pick_device(args.device))
     cuda = args.device.startswith("cuda")
-
-    def pick(value, quick, gpu, cpu):  # an explicit flag wins, then --quick, then the device's default
-        return value if value is not None else quick if args.quick else gpu if cuda else cpu
-    args.batch_size = pick(args.batch_size, 8, 256, 64)
-    args.images = pick(args.images, 64, 2048, 2048)
-    args.repeats = pick(args.repeats, 2, 5, 3)
-    args.steps = pick(args.steps, 1, 20, 2)
-    args.warmup = pick(args.warmup, 1, 5, 1)
-    if args.batch_size < 2:
-        raise SystemExit("error: --batch-size must be at least 2 (BatchNorm needs 2 images per batch)")
+    for key, (quick, gpu, cpu) in dict(batch_size=(8, 256, 64), images=(64, 2048, 2048), repeats=(2, 5, 3),
+                                       steps=(1, 20, 2), warmup=(1, 5, 1)).items():
+        if getattr(args, key) is None:  # an explicit flag wins, then --quick, then the device's default
+            setattr(args, key, quick if args.quick else gpu if cuda else cpu)
+    if data.in_memory_bytes(args.images, args.image_size) > (host_memory_available() or float("inf")) / 4:
+        raise SystemExit(f"error: --images {args.images} at {args.image_size} px would fill this machine's memory")
     return args
 
 
@@ -407,7 +404,4 @@ def print_table(r, args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        raise SystemExit("\nStopped.")
+    cli(main, interrupted="\nStopped.")

@@ -42,10 +42,13 @@ def fit_epochs(minutes, steps_per_epoch, knn_every, step_s, check_s, save_s):
     def cost(epochs):
         checks = -(-epochs // knn_every) if knn_every and check_s else 0  # ceil: every knn_every, and the end
         return epochs * (steps_per_epoch * step_s + save_s) + checks * check_s
-    epochs = 1
-    while cost(epochs + 1) <= 60 * minutes:
-        epochs += 1
-    return epochs, cost(epochs)
+    low, high = 1, 2                               # cost rises with the epochs: double, then halve the gap
+    while cost(high) <= 60 * minutes:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if cost(middle) <= 60 * minutes else (low, middle)
+    return low, cost(low)
 
 
 def plan_minutes(cfg, steps_per_epoch, times, world, device):

@@ -7,9 +7,14 @@ ImageFolder directory (`--data path`), decoded once and cached as a tensor in an
 An ImageFolder is one sub-folder per class, sorted by name as torchvision's; hidden folders and files
 (.ipynb_checkpoints/, ._x.jpg) are skipped. A test split is labelled by the class names of its
 training split. Any PIL image mode is read; 16-bit and float images are scaled to 0..255 (to_rgb).
+The cache holds a digest of each file's bytes, checked at every start, so images replaced under the
+same names are decoded again. A link in the folder that leads nowhere is a DataError naming it.
 """
+import errno
 import hashlib
+import io
 import os
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -27,6 +32,7 @@ DATASETS = ("cifar10", "cifar100", "stl10")
 DEFAULT_ROOT = "data"  # torchvision downloads here
 TORCHVISION_FOLDERS = ("cifar-10-batches-py", "cifar-100-python", "stl10_binary")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+DIGEST_BYTES = 16  # blake2b of each file's bytes, kept in the cache
 
 NO_DATA = """\
 Could not load {what}: {why}
@@ -44,13 +50,31 @@ class DataError(UserError):
 
 def class_names(folder):
     """The class folders of an ImageFolder, sorted by name as torchvision's; hidden ones skipped."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in visible(folder) if is_dir(e))
 
 
 def image_files(folder):
     """The image files of one class folder, sorted; hidden files and sub-folders skipped."""
-    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and not e.is_dir()
-                  and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(e.name for e in visible(folder) if e.name.lower().endswith(IMAGE_EXTENSIONS) and not is_dir(e))
+
+
+def visible(folder):
+    """The entries of a folder (os.DirEntry) whose names do not start with a dot; a folder that cannot
+    be listed is a DataError naming it."""
+    try:
+        with os.scandir(folder) as entries:
+            return [e for e in entries if not e.name.startswith(".")]
+    except OSError as e:
+        raise unreadable(folder, e) from None
+
+
+def is_dir(entry):
+    """Whether a folder entry is a folder, following a symbolic link; a link that leads nowhere (to
+    nothing, or in a loop: ELOOP) is a DataError naming it, not a folder or image silently left out."""
+    try:
+        return stat.S_ISDIR(os.stat(entry.path).st_mode) if entry.is_symlink() else entry.is_dir()
+    except OSError as e:
+        raise unreadable(entry.path, e) from None
 
 
 def is_image_folder(path):
@@ -83,14 +107,15 @@ def load(data, dataset="cifar10", split="train", image_size=32, subset=None, see
     STL-10's training split is 'unlabeled' + 'train' (labels -1 for the unlabeled part), as used
     for pretraining.
     """
-    if os.path.isdir(data) and (is_image_folder(data) or is_image_folder(os.path.join(data, split))):
+    why = not_a_folder(data)
+    if why and (os.path.lexists(data) or os.path.normpath(data) != DEFAULT_ROOT):  # torchvision makes ./data
+        raise DataError(f"--data {data!r} {why}. Point --data at an ImageFolder (one sub-folder per class), "
+                        f"or leave it out to download {dataset} into ./{DEFAULT_ROOT}/.")
+    if is_image_folder(data) or is_image_folder(os.path.join(data, split)):
         train = folder_split(data, "train")
         folder = train if split == "train" else folder_split(data, split)
         return load_folder(folder, image_size, subset, seed, cache or cache_dir(), workers, train)
-    if not os.path.isdir(data) and os.path.normpath(data) != DEFAULT_ROOT:
-        raise DataError(f"The --data folder {data!r} does not exist. Point --data at an ImageFolder "
-                        f"(one sub-folder per class), or leave it out to download {dataset} into ./{DEFAULT_ROOT}/.")
-    if os.path.isdir(data):
+    if not why:
         check_download_root(data, dataset)
     images, labels = load_torchvision(data, dataset, split)
     if images.shape[-1] != image_size:
@@ -101,12 +126,23 @@ def load(data, dataset="cifar10", split="train", image_size=32, subset=None, see
     return images.contiguous(), labels
 
 
+def not_a_folder(path):
+    """Why path is no folder, as words that follow it in an error message, or None when it is one."""
+    if os.path.isdir(path):
+        return None
+    if os.path.isfile(path):
+        return ("is a file, not a folder (to use an archive, unpack it first, e.g. tar -xf FILE, and pass "
+                "the folder it makes)")
+    if os.path.islink(path):
+        return "is a symbolic link that leads to no folder (to nothing, or in a loop back to itself)"
+    return "does not exist"
+
+
 def check_download_root(root, dataset):
     """Raises DataError, rather than downloading, for a folder that is no ImageFolder: one whose
     class folders hold no images, or one named by the user (not DEFAULT_ROOT) without torchvision's
     own folders in it."""
-    folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-    ours = [name in TORCHVISION_FOLDERS for name in folders]
+    ours = [name in TORCHVISION_FOLDERS for name in class_names(root)]
     if not all(ours):
         raise DataError(f"No images in the class folders of {root!r} (an ImageFolder needs images in "
                         f"one sub-folder per class).")
@@ -146,25 +182,30 @@ def load_torchvision(root, dataset, split):
 
 def load_folder(root, image_size, subset, seed, cache, workers, train=None):
     """Decodes an ImageFolder into one tensor, resized (shorter side, then centre crop) to
-    image_size, and caches it under `cache` so that the next start takes seconds. Labels are the
-    indices of the class names of `train`, the training split's ImageFolder (default: root)."""
+    image_size, and caches it under `cache` with a digest of each file's bytes: the next start reads
+    and hashes the files (no decoding) and takes seconds, and decodes them again if any changed. Labels
+    are the indices of the class names of `train`, the training split's ImageFolder (default: root)."""
     files = labelled_files(root, train or root)
     if not files:
         raise DataError(f"No images found in the ImageFolder {root!r}.")
     if subset is not None:
         files = [files[i] for i in subset_indices(len(files), subset, seed).tolist()]
-    key = hashlib.sha1(repr((os.path.abspath(root), image_size, class_names(train or root),
-                             [f for f, _ in files], [mtime(f) for f, _ in files])).encode()).hexdigest()[:16]
-    path = os.path.join(cache, f"{os.path.basename(os.path.abspath(root))}-{image_size}px-{key}.pt")
+    paths = [f for f, _ in files]
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, class_names(train or root), paths)).encode())
+    path = os.path.join(cache, f"imagefolder-{image_size}px-{key.hexdigest()[:16]}.pt")  # no user text in it
     cached = read_cache(path, len(files), image_size)
     if cached is not None:
-        return cached
+        changed = (digest_tensor([digest(read_bytes(f)) for f in paths]) != cached[2]).any(1).nonzero().flatten()
+        if len(changed) == 0:
+            return cached[:2]
+        print(f"note: {len(changed)} of the {len(paths)} images in {root} changed since they were cached "
+              f"(such as {paths[changed[0]]}); decoding them again", file=sys.stderr)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = torch.stack(list(pool.map(partial(decode, image_size=image_size), [f for f, _ in files])))
-    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+        images, digests = zip(*pool.map(partial(decode, image_size=image_size), paths))
+    images, labels = torch.stack(images), torch.tensor([c for _, c in files], dtype=torch.int64)
     try:
         os.makedirs(cache, exist_ok=True)
-        save_atomic((images, labels), path)
+        save_atomic((images, labels, digest_tensor(digests)), path)
     except (SaveError, OSError) as e:  # the cache only saves time: go on without it
         print(f"note: the decoded images are not cached ({e})", file=sys.stderr)
     return images, labels
@@ -184,15 +225,16 @@ def labelled_files(root, train):
 
 
 def read_cache(path, n, image_size):
-    """The decoded (images, labels) cached at path, or None when there is none or it cannot be used:
-    cut short, not the n images and labels expected, or a pickle that weights_only=True refuses."""
-    if not os.path.exists(path):
-        return None
+    """The decoded (images, labels, digests) cached at path, or None when there is none or it cannot be
+    used: cut short, not the n images, labels and digests expected, or a pickle that weights_only=True
+    refuses."""
     try:
-        images, labels = torch.load(path, weights_only=True)
-        if (images.dtype, images.shape, labels.dtype, labels.shape) == (
-                torch.uint8, (n, 3, image_size, image_size), torch.int64, (n,)):
-            return images, labels
+        cached = torch.load(path, weights_only=True)
+        if [(t.dtype, t.shape) for t in cached] == [(torch.uint8, (n, 3, image_size, image_size)),
+                                                   (torch.int64, (n,)), (torch.uint8, (n, DIGEST_BYTES))]:
+            return cached
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet, or removed while we looked
+        return None
     except Exception:
         pass
     print(f"note: the data cache at {path} could not be read; decoding the images again to rebuild it",
@@ -201,15 +243,42 @@ def read_cache(path, n, image_size):
 
 
 def decode(file, image_size):
-    """One image file as uint8 3 x image_size x image_size: shorter side resized, then centre crop."""
-    try:
-        with Image.open(file) as im:
-            img = torch.from_numpy(to_rgb(im)).permute(2, 0, 1)
-    except Exception as e:  # a broken file raises OSError, ValueError, SyntaxError, struct.error, ...
-        raise unreadable(file, e) from None
+    """(One image file as uint8 3 x image_size x image_size: shorter side resized, then centre crop;
+    the digest of the bytes it was decoded from)."""
+    blob = read_bytes(file)
+    img = rgb(blob, file)
     if img.shape[-2:] != (image_size, image_size):
         img = TF.center_crop(TF.resize(img, image_size, antialias=True), image_size)
-    return img
+    return img, digest(blob)
+
+
+def read_bytes(file):
+    """What a file holds; one that cannot be read (gone, a link loop, no permission) is a DataError."""
+    try:
+        with open(file, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise unreadable(file, e) from None
+
+
+def rgb(blob, file):
+    """The bytes of an image file decoded as uint8 3 x H x W; bytes that are no image are a DataError
+    naming the file."""
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            return torch.from_numpy(to_rgb(im)).permute(2, 0, 1)
+    except Exception as e:  # a broken file raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise unreadable(file, e) from None
+
+
+def digest(blob):
+    """What a file holds, in DIGEST_BYTES bytes (blake2b)."""
+    return hashlib.blake2b(blob, digest_size=DIGEST_BYTES).digest()
+
+
+def digest_tensor(digests):
+    """File digests as one uint8 tensor, N x DIGEST_BYTES."""
+    return torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(-1, DIGEST_BYTES)
 
 
 def to_rgb(im):
@@ -222,15 +291,18 @@ def to_rgb(im):
     return np.asarray(im.convert("RGB")).copy()
 
 
-def mtime(file):
-    try:
-        return os.path.getmtime(file)
-    except OSError as e:  # a broken link
-        raise unreadable(file, e) from None
-
-
-def unreadable(file, e):
-    return DataError(f"Cannot read image {file!r} ({e}). Remove or replace the file.")
+def unreadable(path, e):
+    """The DataError for an image or folder of an ImageFolder that cannot be read: which, why, what to do."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.ELOOP) and os.path.islink(path):
+        why = ("that leads back to itself (a loop)" if e.errno == errno.ELOOP else
+               f"to {os.readlink(path)!r}, which does not exist")
+        return DataError(f"Cannot read {path!r}: it is a symbolic link {why}. Remove the link, or point it at "
+                         f"the image or class folder it stands for.")
+    why = (e.strerror if isinstance(e, OSError) and e.strerror else
+           "not an image that Pillow can read" if isinstance(e, Image.UnidentifiedImageError) else e)
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        return DataError(f"Cannot read image {path!r} ({why}). Remove or replace the file.")
+    return DataError(f"Cannot read the folder {path!r} ({why}). Make it readable, or remove it.")
 
 
 # ---- the streaming path: for sets larger than memory ----------------------------------------------
@@ -239,7 +311,8 @@ def folder_files(data, split="train", subset=None, seed=0):
     """[(image path, label)] of one split of an ImageFolder, labelled as load() labels it, and of the
     same fixed random subset of that many images as load() takes."""
     if not (is_image_folder(data) or is_image_folder(os.path.join(data, split))):
-        raise DataError(f"--stream reads an ImageFolder, and {data!r} is none (one sub-folder per class).")
+        raise DataError(f"--stream reads an ImageFolder (one sub-folder per class), and --data {data!r} "
+                        f"{not_a_folder(data) or 'holds none'}.")
     train = folder_split(data, "train")
     files = labelled_files(train if split == "train" else folder_split(data, split), train)
     return files if subset is None else [files[i] for i in subset_indices(len(files), subset, seed).tolist()]
@@ -262,11 +335,7 @@ class StreamingFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i][0]) as im:
-                img = torch.from_numpy(to_rgb(im)).permute(2, 0, 1)
-        except Exception as e:
-            raise unreadable(self.files[i][0], e) from None
+        img = rgb(read_bytes(self.files[i][0]), self.files[i][0])
         return self.crop(img), self.crop(img)
 
 

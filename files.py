@@ -4,15 +4,15 @@ import errno
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
-import signal
 import tempfile
+import time
 
 import torch
 
 RUNS = "runs"
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 UMASK = os.umask(0o022)
 os.umask(UMASK)
 
@@ -40,11 +40,10 @@ def quote(path):
 def save_atomic(obj, path, write=None):
     """write(obj, file) into a fresh temporary file beside path (.NAME.XXXXXXXX.tmp, made with O_EXCL, so
     never an existing file or link), flushed to disk, then renamed over path: a crash or a power cut
-    mid-write never leaves a broken file, and a link at path is replaced, never written through. Ctrl-C and SIGTERM wait until the file
-    is whole. A write that fails (a full disk) removes its temporary file, keeps the previous file and
-    raises SaveError saying why, read through torch.save's own error to the OSError beneath it."""
+    mid-write never leaves a broken file, and a link at path is replaced, never written through. A write
+    that fails (a full disk) removes its temporary file, keeps the previous file and raises SaveError
+    saying why, read through torch.save's own error to the OSError beneath it."""
     folder, name = os.path.split(os.path.abspath(path))
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # delivered once the file is whole
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
@@ -67,8 +66,24 @@ def save_atomic(obj, path, write=None):
                else cause.strerror or str(cause))
         raise SaveError(f"Could not write {path}: {why}. The partial file is removed and the previous "
                         f"{name}, if there was one, is kept.") from None
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def temporaries(name):
+    """The pattern of save_atomic's temporary names for a file called `name`: .NAME.XXXXXXXX.tmp."""
+    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_temporaries(folder, names, older_than=0):
+    """Removes what save_atomic left for these file names in folder when its process was killed mid-write,
+    and nothing else: plain files only, never links, and only those older than `older_than` seconds (a
+    process writing one right now keeps it). Returns how many went."""
+    patterns, removed = [temporaries(name) for name in names], 0
+    for entry in os.scandir(folder):
+        if any(p.fullmatch(entry.name) for p in patterns) and entry.is_file(follow_symlinks=False) \
+                and time.time() - entry.stat(follow_symlinks=False).st_mtime >= older_than:
+            os.remove(entry.path)
+            removed += 1
+    return removed
 
 
 def sync_folder(folder):
@@ -93,15 +108,17 @@ def os_error(e):
 
 
 def open_to_append(path):
-    """path opened to append text, refusing a symbolic link there (O_NOFOLLOW): a file in a run folder is
-    never written through a link, which could point anywhere."""
-    try:
-        return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
+    """path opened to append text, refusing a link there (O_NOFOLLOW): a file in a run folder is never
+    written through a link, which could point anywhere."""
+    refuse_link(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
+
+
+def refuse_link(path):
+    """A UserError when path is a symbolic link (dangling or not): this project does not write through one."""
+    if os.path.islink(path):
         raise UserError(f"{path} is a symbolic link, and this project never writes through one (it could point "
-                        f"outside the run folder). Remove the link (rm {quote(path)}) and run again.") from None
+                        f"outside the run folder). Remove the link (rm {quote(path)}) and run again.")
 
 
 def save_json(obj, path):
@@ -122,10 +139,13 @@ def load_weights(path):
                          f"that was being written. It holds nothing to load: use another copy, or train again.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise SystemExit(f"error: refused to load {path}: it holds Python objects besides tensors and plain "
-                         f"data, and loading those can run code. This project writes tensors and plain data "
-                         f"only; load only files you trust.") from None
+    except pickle.UnpicklingError as e:
+        if "global" in str(e).lower():  # torch's WeightsUnpickler: "Unsupported global: GLOBAL ..."
+            raise SystemExit(f"error: refused to load {path}: it holds Python objects besides tensors and plain "
+                             f"data, and loading those can run code. This project writes tensors and plain data "
+                             f"only; load only files you trust.") from None
+        raise SystemExit(f"error: {path} is not a file torch.save wrote (it may be a text file or a picture, or "
+                         f"damaged); pass a run folder, its checkpoint.pt or its encoder.pt.") from None
     except Exception as e:
         raise SystemExit(f"error: {path} cannot be read; it may be truncated or not a file this project "
                          f"wrote ({type(e).__name__}: {first_line(e)})") from None

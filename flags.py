@@ -1,6 +1,7 @@
 """train.py's command line: every key of its DEFAULTS as a flag, the checks on each value, and the
 config of a new or a resumed run (a resumed run keeps the recipe its checkpoint was trained with)."""
 import argparse
+import math
 import os
 import time
 
@@ -12,12 +13,39 @@ from runs import check_writable, load_checkpoint, run_files
 
 CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
                tau_schedule=("cosine", "constant"), normalize=tuple(STATS))
-# What each number must be: (the smallest value allowed, whether that value itself is allowed).
-BOUNDS = dict(image_size=(8, True), subset=(1, True), test_subset=(1, True), hidden_dim=(1, True),
-              proj_dim=(1, True), epochs=(1, True), minutes=(0, False), batch_size=(2, True), base_lr=(0, False),
-              weight_decay=(0, True), momentum=(0, True), eta=(0, False), warmup_epochs=(0, True),
-              tau_base=(0, True), log_every=(1, True), knn_every=(0, True), probe_lr=(0, False),
-              collapse_z_std=(0, True), workers=(0, True))
+
+
+def number(kind, low=-math.inf, high=math.inf, above=False, below=False, why=""):
+    """An argparse type, shared by every script: a finite `kind` from low (more than low, with above) to
+    high (less than high, with below). --lr nan, --k -1 or --epochs 10**12 is a usage error naming the
+    flag, before any work: not a traceback, a hang, or a run that trains on nonsense."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+        if (value <= low if above else value < low) or (value >= high if below else value > high):
+            show = (lambda x: f"{x:g}") if kind is float else str
+            low_part = f"{'more than' if above else 'at least'} {show(low)}" if low > -math.inf else ""
+            high_part = f"{'less than' if below else 'at most'} {show(high)}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(filter(None, (low_part, high_part)))}, "
+                                             f"not {text}{why}")
+        return value
+    return parse
+
+
+# What each number must be. The largest values keep a typo from hanging or exhausting the machine.
+TYPES = dict(image_size=number(int, 8, 8192), subset=number(int, 1), test_subset=number(int, 1),
+             hidden_dim=number(int, 1, 65536), proj_dim=number(int, 1, 65536), epochs=number(int, 1, 10**6),
+             minutes=number(float, 0, 10**6, above=True), base_lr=number(float, 0, above=True),
+             batch_size=number(int, 2, 2**20, why=" (BatchNorm needs 2 images per batch; the recipe uses 256)"),
+             weight_decay=number(float, 0), momentum=number(float, 0, 1, below=True), eta=number(float, 0, above=True),
+             warmup_epochs=number(int, 0, 10**6), tau_base=number(float, 0, 1), log_every=number(int, 1, 10**9),
+             knn_every=number(int, 0, 10**6), probe_lr=number(float, 0, above=True), collapse_z_std=number(float, 0),
+             workers=number(int, 0, 256), seed=number(int, 0, 2**32 - 1))
+
 # What a resumed run may change: how it runs and reports, not what its saved state means.
 RESUMABLE = ("epochs", "data", "device", "compile", "log_every", "knn_every", "test_subset", "collapse_z_std",
              "workers", "stream", "out")
@@ -35,20 +63,12 @@ def parse(argv, defaults, recipes, doc):
             p.add_argument(flag, action=argparse.BooleanOptionalAction,
                            help="default: off at 32 px, on above" if key == "blur" else f"default {value}")
         else:
-            kind = int if key in ("subset", "test_subset") else float if key == "minutes" else \
-                {int: int, float: float}.get(type(value), str)
+            kind = TYPES.get(key, number(float) if isinstance(value, float) else type(value) if value else str)
             p.add_argument(flag, type=kind, help=f"default {value}", choices=choices.get(key))
     p.add_argument("--resume", nargs="?", const="latest",
                    help="a run directory or checkpoint to continue (no value: the newest run in runs/)")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume", None)
-    for key, value in args.items():
-        low, inclusive = BOUNDS.get(key, (None, True))
-        if low is not None and value is not None and (value < low or (value == low and not inclusive)):
-            p.error(f"--{key.replace('_', '-')} {value}: must be {'at least' if inclusive else 'more than'} {low}"
-                    + (" (BatchNorm needs 2 images per batch; the recipe uses 256)" if key == "batch_size" else ""))
-    if args.get("tau_base", 0) > 1 or args.get("momentum", 0) >= 1:
-        p.error("--tau-base must lie in [0, 1] and --momentum in [0, 1)")
     return {**defaults, **recipes[args.get("recipe", defaults["recipe"])], **args}, args, resume
 
 
@@ -65,15 +85,22 @@ def configure(argv, defaults, recipes, doc):
             else cfg["dataset"]
         cfg["out"] = cfg["out"] or os.path.join(RUNS, f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
         check_writable(cfg["out"])
-        if run_files(cfg["out"]):
-            raise SystemExit(f"error: {cfg['out']} already holds a run ({', '.join(run_files(cfg['out']))}). "
+        found = run_files(cfg["out"])
+        if {"checkpoint.pt", "encoder.pt"} & set(found):
+            raise SystemExit(f"error: {cfg['out']} already holds a run ({', '.join(found)}). "
                              f"Continue it with: python train.py --resume {quote(cfg['out'])}\n"
                              f"or start the new run in another --out (or delete that folder first).")
+        if found:
+            print(f"note: {cfg['out']} holds a run that stopped before its first checkpoint ({', '.join(found)}); "
+                  f"this run starts it again and replaces those files")
         return cfg, None
     if "minutes" in explicit:
         raise SystemExit("error: --minutes plans a new run's schedule; a resumed run keeps its own "
                          "(--epochs N extends it)")
     ckpt, path = load_checkpoint(resume)
+    if not isinstance(ckpt["config"], dict) or not {"batch_size", "epochs"} <= ckpt["config"].keys():
+        raise SystemExit(f"error: the config inside {path} is damaged (it lacks the batch size or the epochs), "
+                         f"so the run cannot continue exactly. Start a new run, or evaluate its encoder.pt.")
     saved = {**defaults, "lars_clip": False, **ckpt["config"]}  # (runs saved before --lars-clip: unclipped)
     changed = [f"--{k.replace('_', '-')} {v} (the run's: {saved.get(k)})" for k, v in explicit.items()
                if k not in RESUMABLE and v != saved.get(k)]

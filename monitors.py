@@ -61,7 +61,7 @@ class Monitor:
         self.probe = torch.nn.Linear(dim, n_classes).to(device) if n_classes > 0 else None
         self.probe_optimizer = (torch.optim.SGD(self.probe.parameters(), lr=cfg["probe_lr"], momentum=0.9)
                                 if self.probe else None)
-        self.master, self.warned = master, False
+        self.master, self.warned, self.probe_failed = master, False, False
         self.reset()
 
     def reset(self):
@@ -89,7 +89,8 @@ class Monitor:
         self.interval.zero_()
         self.steps, self.t = 0, now
         if step % per_epoch == 0 or step == total_steps:                 # an epoch's end
-            if labelled:
+            self.check_probe()
+            if labelled and not self.probe_failed:
                 out["probe_top1"] = correct / labelled
             self.hits.zero_()
             knn_every = self.cfg["knn_every"]
@@ -112,11 +113,23 @@ class Monitor:
         bank = features(self.encoder, images[known], self.device, stats=stats)
         queries = features(self.encoder, self.test[0], self.device, stats=stats)
         out = dict(knn_top1=knn_accuracy(bank, labels[known], queries, self.test[1]))
-        if self.probe is not None:
+        if self.probe is not None and not self.probe_failed:
             with torch.no_grad():
                 out["probe_test_top1"] = (self.probe(queries).argmax(1) == self.test[1]).float().mean().item()
         self.encoder.train()
         return out
+
+    def check_probe(self):
+        """Once the probe's weights are NaN or Inf (an lr too high for it), its figures would be noise: say so
+        once and leave them out of the log. The encoder is untouched: the probe never reaches it."""
+        if self.probe is None or self.probe_failed:
+            return
+        if not bool(torch.stack([p.isfinite().all() for p in self.probe.parameters()]).all()):
+            self.probe_failed = True
+            if self.master:
+                tqdm.write(f"warning: the online probe diverged (--probe-lr {self.cfg['probe_lr']:g} is too high "
+                           f"for it): probe_top1 and probe_test_top1 are left out of the log from here on. "
+                           f"BYOL's training is not affected; test.py evaluates the encoder afterwards.")
 
     def state_dict(self):
         """The probe and its optimizer, as checkpoints save them (None without a probe)."""

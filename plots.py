@@ -4,6 +4,7 @@
     python plots.py curves runs/<name> [--random-knn X]  # README.assets/curves.png from the run's log.jsonl
     python plots.py curves results/h200-minutes5 --out README.assets/curves-h200.png
 """
+import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import argparse
 import math
 import os
@@ -12,8 +13,9 @@ import torch
 
 import data
 from augment import CIFAR10_MEAN, CIFAR10_STD, Augment, to_float
-from files import cache_dir, read_config, read_log
-from runs import newest_run
+from files import cache_dir, read_config, read_log, save_atomic
+from flags import number
+from runs import cli, newest_run
 
 ASSETS = "README.assets"
 
@@ -28,9 +30,43 @@ def pyplot():
     return plt
 
 
+def picture_path(out):
+    """The file a picture for --out goes to, checked before any drawing: a name without an extension gets
+    .png, as matplotlib itself would do (whoever types --out curves wants the picture; the caller reports
+    the real name); an extension matplotlib cannot write is an error naming those it can."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})   # (pgf needs LaTeX)
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a folder; name the picture, e.g. {os.path.join(out, 'curves.png')}")
+    ext = os.path.splitext(out)[1][1:].lower()
+    if ext and ext not in formats:
+        raise SystemExit(f"error: --out {out}: cannot draw a .{ext} picture. End the name with one of "
+                         f".{', .'.join(formats)} (.png is the README's)")
+    return out if ext else out + ".png"
+
+
+def save_figure(fig, path, **kw):
+    """fig written to path (from picture_path) atomically, as the checkpoints are (files.save_atomic: a
+    failed write keeps the previous picture and says why); returns path."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save_atomic(fig, path, write=lambda f, file: f.savefig(file, format=os.path.splitext(path)[1][1:], **kw))
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path}: {e.strerror} ({e.filename}). Pass --out a file in a folder "
+                         f"you can write to.")
+    finally:
+        pyplot().close(fig)
+    return path
+
+
+def finite(x):
+    """x is a real, finite number (not a string, None, a bool or NaN, as a hand-edited log may hold)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def draw_views(root=data.DEFAULT_ROOT, out=os.path.join(ASSETS, "views.png")):
     """Three rows: 8 training images (a fixed subset), their view 1 and their view 2 (seed 0)."""
-    plt = pyplot()
+    plt, out = pyplot(), picture_path(out)
     try:
         images, _ = data.load(root, "cifar10", "train", 32, subset=8, seed=0, cache=cache_dir())
     except data.DataError as e:
@@ -45,10 +81,7 @@ def draw_views(root=data.DEFAULT_ROOT, out=os.path.join(ASSETS, "views.png")):
         for c, img in enumerate(row):
             axes[r, c].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
             axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=150, bbox_inches="tight")
 
 
 CURVES = (("loss", "BYOL loss"), ("knn_top1", "kNN top-1 (test split)"),
@@ -59,23 +92,26 @@ CURVES = (("loss", "BYOL loss"), ("knn_top1", "kNN top-1 (test split)"),
 def draw_curves(run, out=os.path.join(ASSETS, "curves.png"), random_knn=None):
     """Draws loss, kNN accuracy, online-probe accuracy, z_std, lr and tau against epoch from one run's
     log.jsonl; a key missing from some lines (kNN and probe are logged less often) is drawn where
-    present. random_knn: the random encoder's kNN top-1 measured the same way, drawn as a dashed line."""
-    plt = pyplot()
+    present, and only where it is a finite number. random_knn: the random encoder's kNN top-1 measured the
+    same way, drawn as a dashed line."""
+    plt, out = pyplot(), picture_path(out)
     path = os.path.join(run, "log.jsonl") if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise SystemExit(f"error: no log at {path}; pass a run directory such as runs/<name>")
-    records = read_log(path)
+    records = [r for r in read_log(path) if finite(r.get("epoch"))]
+    if not records:
+        raise SystemExit(f"error: {path} holds no log line with an epoch, so there is no curve to draw")
     cfg = read_config(os.path.dirname(path))
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, title) in zip(axes.flat, CURVES):
-        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and "epoch" in r]
+        points = [(r["epoch"], r[key]) for r in records if finite(r.get(key))]
         ax.set_title(title)
         ax.set_xlabel("epoch")
         if points:
             ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-        tested = [(r["epoch"], r["probe_test_top1"]) for r in records if "probe_test_top1" in r]
+        tested = [(r["epoch"], r["probe_test_top1"]) for r in records if finite(r.get("probe_test_top1"))]
         if key == "probe_top1" and tested:  # the same probe on the test split, with each kNN check
             ax.plot(*zip(*tested), marker=".", ls="--", label="test split")
             ax.legend(fontsize=8)
@@ -83,15 +119,14 @@ def draw_curves(run, out=os.path.join(ASSETS, "curves.png"), random_knn=None):
             ax.axhline(random_knn, color="grey", ls="--", label="random encoder")
             ax.legend(fontsize=8)
         if key == "z_std":
-            ax.axhline(1 / math.sqrt(cfg.get("proj_dim", 256)), color="green", ls="--", label="1/sqrt(d): healthy")
-            ax.axhline(cfg.get("collapse_z_std", 0.01), color="red", ls=":", label="collapse warning")
+            d, low = cfg.get("proj_dim"), cfg.get("collapse_z_std")
+            ax.axhline(1 / math.sqrt(d if finite(d) and d > 0 else 256), color="green", ls="--",
+                       label="1/sqrt(d): healthy")
+            ax.axhline(low if finite(low) else 0.01, color="red", ls=":", label="collapse warning")
             ax.legend(fontsize=8)
     fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
     fig.tight_layout()
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def main(argv=None):
@@ -99,7 +134,7 @@ def main(argv=None):
     p.add_argument("picture", choices=["views", "curves"])
     p.add_argument("run", nargs="?", help="curves: a run directory or its log.jsonl (default: newest in runs/)")
     p.add_argument("--data", default=data.DEFAULT_ROOT, help="views: CIFAR-10 download folder or an ImageFolder")
-    p.add_argument("--random-knn", type=float, help="curves: the random encoder's kNN top-1, as a dashed line")
+    p.add_argument("--random-knn", type=number(float, 0, 1, why=" (a top-1 accuracy: 0.35, not 35)"), help="curves: the random encoder's kNN top-1, as a dashed line")
     p.add_argument("--out", help="the PNG to write (default: README.assets/<picture>.png)")
     args = p.parse_args(argv)
     if args.picture == "views":
@@ -110,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, interrupted="\nStopped; no picture was written.")

@@ -8,9 +8,11 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import time
 
@@ -18,9 +20,12 @@ import torch
 from tqdm import tqdm
 
 from devices import any_process, end_processes
-from files import RUNS, UserError, load_weights, quote, read_log, save_atomic, save_json, save_lines
+from files import (RUNS, UserError, first_line, load_weights, open_to_append, quote, read_log, refuse_link,
+                   remove_temporaries, save_atomic, save_json, save_lines)
 
 CHECKPOINT_KEYS = ("online", "target", "predictor", "optimizer", "step", "perm", "rng", "config")
+RUN_FILES = ("checkpoint.pt", "encoder.pt", "config.json", "log.jsonl")
+SCRATCH = re.compile(r"\.time-trial-[a-z0-9_]{8}")  # --minutes' scratch folders (tempfile.mkdtemp's names)
 
 
 class Diverged(Exception):
@@ -39,18 +44,29 @@ class Run:
         self.batches, self.device, self.rank, self.world = batches, device, rank, world
         self.master, self.out = rank == 0, cfg["out"]
         self.signals, self.stopping, self.step, self.lr, self.bar, self.log_file = [], False, 0, 0.0, None, None
-        self.held, self.handlers, self.shown = None, {}, {}
+        self.held, self.handlers, self.shown, self.saving = None, {}, {}, False
 
     def __enter__(self):
+        trained_on = ((self.ckpt or {}).get("config") or {}).get("data_fingerprint")
+        if trained_on and trained_on != self.batches.fingerprint:
+            raise SystemExit(f"error: the images in --data {quote(self.cfg['data'])} are not the ones {self.out} "
+                             f"was trained on (same count, other content): resume with the run's own data.")
+        self.cfg["data_fingerprint"] = self.batches.fingerprint
         if self.master:  # once the data is there: a failed start leaves no run
             os.makedirs(self.out, exist_ok=True)
             self.held = lock(self.out)
-            if not self.ckpt and run_files(self.out):
+            found = run_files(self.out)
+            if not self.ckpt and {"checkpoint.pt", "encoder.pt"} & set(found):
                 raise SystemExit(f"error: another training wrote a run into {self.out} while this one was "
                                  f"starting; pass another --out")
-            remove_leftovers(self.out)
+            if found:  # a run of ours: to resume, or to start again (it stopped before its first checkpoint)
+                remove_leftovers(self.out)
+            log = os.path.join(self.out, "log.jsonl")
             if self.ckpt:
-                trim_log(os.path.join(self.out, "log.jsonl"), self.ckpt["step"])
+                trim_log(log, self.ckpt["step"])
+            elif os.path.isfile(log) and not os.path.islink(log):
+                os.remove(log)                       # the log of the attempt that saved nothing
+            save_json(self.cfg, os.path.join(self.out, "config.json"))  # a run of ours from here on
         return self
 
     def begin(self, total_steps):
@@ -64,7 +80,7 @@ class Run:
         self.saved_step = self.step
         if self.master:
             save_json(self.cfg, os.path.join(self.out, "config.json"))
-            self.log_file = open(os.path.join(self.out, "log.jsonl"), "a")
+            self.log_file = open_to_append(os.path.join(self.out, "log.jsonl"))
         self.bar = tqdm(total=total_steps, initial=self.step, desc=os.path.basename(self.out), unit="step",
                         dynamic_ncols=True, disable=not self.master)
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -103,14 +119,21 @@ class Run:
         return self.end_of_epoch(step) or self.stopping
 
     def save(self, step):
-        """checkpoint.pt and encoder.pt, when every weight is finite: a good checkpoint is never replaced
-        by a diverged one (Diverged)."""
+        """checkpoint.pt and encoder.pt, when every parameter, BatchNorm statistic and optimizer state is
+        finite: a good checkpoint is never replaced by a diverged one (Diverged)."""
         self.step = step
-        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+        if not self.finite():
             raise Diverged
         if self.master:
             self.write(self.out, step, time.perf_counter() - self.t_start)
         self.saved_step = step
+
+    def finite(self):
+        """True when the model's parameters and buffers (BatchNorm's running statistics) and the optimizer's
+        state hold no NaN or Inf (one host sync)."""
+        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        tensors = [t for t in (*self.model.parameters(), *self.model.buffers(), *state) if t.is_floating_point()]
+        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
     def write(self, folder, step, seconds=0.0):
         """checkpoint.pt (everything needed to resume exactly) and encoder.pt (the encoder alone, a plain
@@ -121,18 +144,24 @@ class Run:
         model, perm = self.model, self.batches.perm
         if perm is None:  # (the --minutes trial's save, before the first epoch's order is drawn)
             perm = torch.arange(len(self.batches.images))
-        save_atomic(dict(online=model.online.state_dict(), target=model.target.state_dict(),
-                         predictor=model.predictor.state_dict(), optimizer=self.optimizer.state_dict(),
-                         **self.monitor.state_dict(), epoch=step // self.batches.steps_per_epoch, step=step,
-                         perm=perm.cpu(), rng=rng, seconds=seconds, config=self.cfg),
-                    os.path.join(folder, "checkpoint.pt"))
-        save_atomic(model.online.encoder.state_dict(), os.path.join(folder, "encoder.pt"))
+        self.saving = True                             # a second Ctrl-C or SIGTERM waits for whole files
+        try:
+            save_atomic(dict(online=model.online.state_dict(), target=model.target.state_dict(),
+                             predictor=model.predictor.state_dict(), optimizer=self.optimizer.state_dict(),
+                             **self.monitor.state_dict(), epoch=step // self.batches.steps_per_epoch, step=step,
+                             perm=perm.cpu(), rng=rng, seconds=seconds, config=self.cfg),
+                        os.path.join(folder, "checkpoint.pt"))
+            save_atomic(model.online.encoder.state_dict(), os.path.join(folder, "encoder.pt"))
+        finally:
+            self.saving = False
+        if len(self.signals) > 1:
+            self.stop_at_once()
 
     def scratch_save(self):
         """Writes a checkpoint into a scratch folder of the run folder, then removes it: what --minutes
         times (only the process that writes writes)."""
         if self.master:
-            with tempfile.TemporaryDirectory(dir=self.out, prefix="time-trial-") as scratch:
+            with tempfile.TemporaryDirectory(dir=self.out, prefix=".time-trial-") as scratch:
                 self.write(scratch, 0)
 
     def restore(self, ckpt):
@@ -152,7 +181,7 @@ class Run:
             torch.set_rng_state(ckpt["rng"]["cpu"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"error: the checkpoint in {self.out} does not fit the model its config describes "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                             f"({type(e).__name__}: {first_line(e)})") from None
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.batches.perm = ckpt["perm"].to(self.device)
@@ -162,14 +191,17 @@ class Run:
 
     def on_signal(self, signum, frame):
         """Ctrl-C (SIGINT) or a cluster's preemption (SIGTERM): the step under way finishes, then the loop
-        saves and stops. A second signal stops at once."""
-        if self.signals:
-            path = os.path.join(self.out, "checkpoint.pt")
-            kept = (f"{path} from {time.strftime('%H:%M:%S', time.localtime(os.path.getmtime(path)))} is kept; "
-                    f"continue with: python train.py --resume {quote(self.out)}" if os.path.exists(path)
-                    else "no checkpoint had been saved yet, so there is nothing to resume")
-            raise SystemExit(f"\nStopped at once by a second {signal.Signals(signum).name}: {kept}")
+        saves and stops. A second signal stops at once, or, during a save, as soon as its files are whole."""
         self.signals.append(signum)
+        if len(self.signals) > 1 and not self.saving:
+            self.stop_at_once()
+
+    def stop_at_once(self):
+        path = os.path.join(self.out, "checkpoint.pt")
+        kept = (f"{path} from {time.strftime('%H:%M:%S', time.localtime(os.path.getmtime(path)))} is kept; "
+                f"continue with: python train.py --resume {quote(self.out)}" if os.path.exists(path)
+                else "no checkpoint had been saved yet, so there is nothing to resume")
+        raise SystemExit(f"\nStopped at once by a second {signal.Signals(self.signals[-1]).name}: {kept}")
 
     def __exit__(self, kind, error, traceback):
         if self.bar is not None:
@@ -202,16 +234,16 @@ class Run:
         """The message for a run whose loss or weights went NaN or Inf."""
         kept = (f"The last good checkpoint, of step {self.saved_step}, and its encoder are kept in {self.out}."
                 if self.saved_step else "No checkpoint had been saved yet, so nothing is kept.")
-        return (f"error: training diverged: the loss or the weights became NaN or Inf between steps "
+        return (f"error: training diverged: the loss, the weights or BatchNorm's running statistics became NaN "
+                f"or Inf between steps "
                 f"{self.saved_step + 1} and {self.step} (lr {self.lr:.3g}). The likely cause is a learning rate "
-                f"too high for this batch size and optimizer: start again with a lower --base-lr (or "
-                f"--optimizer sgd). {kept}")
+                f"too high for this batch size and optimizer: start again with a lower --base-lr"
+                f"{' (or --optimizer sgd)' if self.cfg['optimizer'] == 'lars' else ''}. {kept}")
 
 
 def run_files(out):
-    """The files of a run that `out` already holds."""
-    return [f for f in ("checkpoint.pt", "encoder.pt", "config.json", "log.jsonl")
-            if os.path.exists(os.path.join(out, f))]
+    """The files of a run that `out` already holds (links and folders of those names count too)."""
+    return [f for f in RUN_FILES if os.path.lexists(os.path.join(out, f))]
 
 
 def check_writable(out):
@@ -244,6 +276,11 @@ def load_checkpoint(resume):
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
+        run_dir = os.path.dirname(path)
+        if os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise SystemExit(f"error: {run_dir} holds a run that stopped before its first checkpoint, so there is "
+                             f"nothing to resume. Start it again with the same command, without --resume (its "
+                             f"flags are in {os.path.join(run_dir, 'config.json')}); the new run replaces it.")
         raise SystemExit(f"error: no checkpoint at {path}; pass a run directory such as runs/<name>")
     ckpt = load_weights(path)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all of them"]
@@ -256,17 +293,28 @@ def load_checkpoint(resume):
 def lock(run_dir):
     """Holds run_dir/lock while this process lives, so that a second training cannot write into the
     same run. The lock is the operating system's (flock), freed when the process ends in any way,
-    kill -9 included, so a dead run never holds it. Returns the open file: keep it."""
-    f = open(os.path.join(run_dir, "lock"), "a+")
+    kill -9 included, so a dead run never holds it. A link or anything but a plain file named lock is
+    refused, never opened through. Returns the open file: keep it."""
+    path = os.path.join(run_dir, "lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise SystemExit(f"error: {path} is not the plain file train.py locks (it is a link, a folder or a "
+                         f"device), so it is not opened. Remove it (rm -r {quote(path)}) and run again.")
+    f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
         raise SystemExit(f"error: {run_dir} is in use: a training ({holder}) is writing to it. Wait for it "
                          f"to end, stop it, or train into another --out.") from None
-    f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
@@ -274,25 +322,28 @@ def lock(run_dir):
 
 
 def remove_leftovers(run_dir):
-    """Removes what a killed process leaves half-written: *.tmp files and time-trial scratch folders."""
+    """Removes what a killed run of this project leaves half-written, and nothing else: the temporary
+    files of its own files (files.remove_temporaries) and --minutes' scratch folders
+    (.time-trial-XXXXXXXX, real folders only, never links)."""
+    remove_temporaries(run_dir, RUN_FILES)
     for entry in os.scandir(run_dir):
-        if entry.name.endswith(".tmp") and entry.is_file():
-            os.remove(entry.path)
-        elif entry.name.startswith("time-trial-") and entry.is_dir():
+        if SCRATCH.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def trim_log(path, step):
     """Keeps the lines of log.jsonl up to `step`, dropping a line cut short: a run resumed from a
     checkpoint re-runs the steps after it, and logs them again."""
+    refuse_link(path)
     if os.path.isfile(path):
-        save_lines([r for r in read_log(path) if r.get("step", 0) <= step], path)
+        save_lines([r for r in read_log(path) if isinstance(r.get("step"), (int, float)) and r["step"] <= step],
+                   path)
 
 
 def cli(main, interrupted="\nStopped before training began; nothing on disk was changed."):
-    """Runs a script's main() as a command: a mistake the user can fix (files.UserError), or a full or
-    read-only disk, ends in its message and a non-zero exit, never a traceback; so does Ctrl-C before
-    the run takes its own signals (`interrupted` says what that left)."""
+    """Runs a script's main() as a command: a mistake the user can fix (files.UserError), a full or
+    read-only disk, or memory running out ends in its message and a non-zero exit, never a traceback; so
+    does Ctrl-C before the run takes its own signals (`interrupted` says what that left)."""
     try:
         main()
     except UserError as e:
@@ -304,3 +355,8 @@ def cli(main, interrupted="\nStopped before training began; nothing on disk was 
                          f"checkpoint already written is kept; free space, then --resume.")
     except KeyboardInterrupt:
         raise SystemExit(interrupted)
+    except (MemoryError, RuntimeError) as e:  # torch's CPU and CUDA allocators raise RuntimeErrors
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        raise SystemExit(f"error: out of memory ({first_line(e)}). Lower --batch-size (the lr follows it), "
+                         f"--image-size or --hidden-dim, or add --stream for a dataset larger than memory.")

@@ -11,10 +11,12 @@ The encoder is frozen in eval mode; its features are computed once and a linear 
 trained on them (seconds). --augment trains the classifier on random crops and flips instead.
 The last line printed is one JSON object, also saved as eval.json in the run directory.
 """
+import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import argparse
 import copy
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,8 @@ import data
 from augment import STATS, crop_flip
 from evaluation import features, knn_accuracy
 from devices import autocast, pick_device
-from files import cache_dir, load_weights, read_config, read_log, save_json
+from files import cache_dir, load_weights, quote, read_config, read_log, remove_temporaries, save_json
+from flags import number
 from models import ARCHS, STEMS, resnet
 from runs import cli, newest_run
 
@@ -39,19 +42,46 @@ PUBLISHED = {  # our figure that matches it like for like: (value, what and wher
 }
 
 
+MAX_IMAGE_SIZE = 8192          # px, as train.py's --image-size: a typo must not decode absurdly large images
+RUN_TEXT_FILES = ("config.json", "log.jsonl", "eval.json", "lock")   # what else a run folder holds
+
+
+def weights_file(path):
+    """The file a run argument names: a weights file itself or, in a run folder, the newer of encoder.pt and
+    checkpoint.pt. train.py writes checkpoint.pt first, so a run killed between the two (or one whose
+    encoder.pt is lost) has the newest encoder inside its checkpoint; a note says when that one is used."""
+    if os.path.isfile(path):
+        if os.path.basename(path) in RUN_TEXT_FILES:
+            raise SystemExit(f"error: {path} is a run's {os.path.basename(path)}, not its weights. Pass the run "
+                             f"folder: python test.py {quote(os.path.dirname(path) or '.')}")
+        return path
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {path} does not exist. Pass a run folder (runs/<name>), its checkpoint.pt "
+                         f"or its encoder.pt")
+    found = [f for f in (os.path.join(path, "encoder.pt"), os.path.join(path, "checkpoint.pt")) if os.path.isfile(f)]
+    if not found:
+        runs = sorted(e.path for e in os.scandir(path) if e.is_dir() and
+                      any(os.path.isfile(os.path.join(e.path, f)) for f in ("encoder.pt", "checkpoint.pt")))
+        hint = f"It holds runs: pass one, e.g. python test.py {quote(runs[-1])}" if runs else \
+            "Train one with: python train.py"
+        raise SystemExit(f"error: no encoder.pt or checkpoint.pt in {path}. {hint}")
+    newest = max(found, key=os.path.getmtime)                   # (a tie keeps encoder.pt, listed first)
+    if newest.endswith("checkpoint.pt"):
+        why = "there is no encoder.pt" if len(found) == 1 else "it was written after encoder.pt"
+        print(f"note: evaluating the online encoder inside {newest}: {why}")
+    return newest
+
+
 def load_encoder(path, arch=None, image_size=None, stem=None):
-    """Loads runs/<name>/encoder.pt (or the online encoder of checkpoint.pt) strictly: every key of
-    the expected torchvision ResNet, and nothing else. Returns (encoder, the run's config with the
+    """Loads runs/<name>/encoder.pt (or the online encoder of checkpoint.pt: weights_file) strictly: every
+    key of the expected torchvision ResNet, and nothing else. Returns (encoder, the run's config with the
     arch, image size and stem used, the run directory)."""
-    run_dir = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "encoder.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no encoder at {path}. Train one with: python train.py")
+    path = weights_file(path)
+    run_dir = os.path.dirname(path) or "."          # (python test.py encoder.pt, inside the run folder)
     cfg = read_config(run_dir)
     state = load_weights(path)
     if isinstance(state, dict) and isinstance(state.get("online"), dict):   # a checkpoint.pt
-        cfg = state.get("config", cfg)
+        cfg = state["config"] if isinstance(state.get("config"), dict) else cfg
         state = {k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SystemExit(f"error: {path} holds a {type(state).__name__}, not an encoder's weights (a dict of "
@@ -60,18 +90,32 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
     if bad:
         raise SystemExit(f"error: {path} holds NaN or Inf weights ({', '.join(bad[:3])}...): the run that "
                          f"wrote it diverged. Train again with a lower --base-lr.")
-    arch = arch or cfg.get("arch", "resnet18")
-    image_size = image_size or cfg.get("image_size", 32)
-    stem = stem or cfg.get("stem")
-    encoder, _ = resnet(arch, image_size, stem)
+    cfg = {**cfg, "arch": arch or cfg.get("arch", "resnet18"), "image_size": image_size or cfg.get("image_size", 32),
+           "stem": stem or cfg.get("stem")}
+    check_config(cfg, run_dir)
+    encoder, _ = resnet(cfg["arch"], cfg["image_size"], cfg["stem"])
     try:
         encoder.load_state_dict(state, strict=True)
     except (RuntimeError, AttributeError) as e:
-        raise SystemExit(f"error: {path} does not hold a {arch} encoder for {image_size} px images with the "
-                         f"{stem or 'default'} stem (choose --arch from {', '.join(ARCHS)}, --image-size and "
-                         f"--stem to match the run).\n"
+        raise SystemExit(f"error: {path} does not hold a {cfg['arch']} encoder for {cfg['image_size']} px images "
+                         f"with the {cfg['stem'] or 'default'} stem (choose --arch from {', '.join(ARCHS)}, "
+                         f"--image-size and --stem to match the run).\n"
                          f"{str(e).splitlines()[0][:300]}")
-    return encoder, {**cfg, "arch": arch, "image_size": image_size, "stem": stem}, run_dir
+    return encoder, cfg, run_dir
+
+
+def check_config(cfg, run_dir):
+    """The run's settings that test.py builds from, each one this project can build: a config edited by
+    hand, or from another project, is named rather than a traceback."""
+    for key, choices in dict(arch=ARCHS, stem=(None, *STEMS), normalize=tuple(STATS)).items():
+        if cfg.get(key, choices[0]) not in choices:
+            flag = f", or pass --{key}" if key != "normalize" else ""
+            raise SystemExit(f"error: the config of {run_dir} has {key} {cfg[key]!r}, not one of "
+                             f"{', '.join(map(str, choices))}: fix its config.json{flag}")
+    size = cfg["image_size"]
+    if type(size) is not int or not 8 <= size <= MAX_IMAGE_SIZE:
+        raise SystemExit(f"error: the config of {run_dir} has image_size {size!r}, not a number of px from 8 "
+                         f"to {MAX_IMAGE_SIZE}: fix its config.json, or pass --image-size")
 
 
 def train_linear(encoder, train_x, train_y, n_classes, device, epochs=100, lr=0.1, batch_size=256,
@@ -161,6 +205,15 @@ def finetune(encoder, train_x, train_y, n_classes, device, image_size, epochs=10
     return net.eval()
 
 
+def check_finite(logits, what, flag, lr):
+    """A classifier whose training diverged (an lr too high: its weights, or the logits they give the test
+    images, NaN or Inf) is an error naming the flag to lower, not a chance-level figure that replaces the
+    previous eval.json."""
+    if not logits.isfinite().all():
+        raise SystemExit(f"error: the {what} diverged: its weights or its logits became NaN or Inf at {flag} "
+                         f"{lr:g}. Run again with a lower {flag}; eval.json is left as it was.")
+
+
 def compare(result, run_dir):
     """Prints our figures beside the published ones they match (PUBLISHED): CIFAR-10, ResNet-18 with
     the CIFAR stem only. The offline linear probe (top1) has no published twin: solo-learn's 92.58%
@@ -182,14 +235,25 @@ def compare(result, run_dir):
           f"no published like-for-like figure)")
 
 
-def positive(kind):
-    """An argparse type: a number above 0 (a clean usage error for --k -1 or --subset 0)."""
-    def parse(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-        return value
-    return parse
+def check_classes(train_y, test_y, root, subset):
+    """One training class makes every classifier score 100%, so the figures would say nothing about the
+    encoder: an error, and eval.json is left as it was. A test split with fewer classes is scored, with
+    a warning that its figures cover those classes only."""
+    n_train, n_test = len(train_y.unique()), len(test_y.unique())
+    if n_train < 2:
+        raise SystemExit(f"error: the labelled training images of {root} are {'of one class' if n_train else 'none'}: "
+                         f"any encoder scores 100% there, so kNN and linear top-1 would mean nothing. Point --data "
+                         f"at an ImageFolder with a folder per class (at least 2)"
+                         + (", or raise --subset" if subset else "") + "; eval.json is left as it was.")
+    if n_test < n_train:
+        print(f"warning: the test images cover {n_test} of the {n_train} training classes: the figures below are "
+              f"over those {n_test} only, not comparable with a whole test split", file=sys.stderr)
+
+
+# The largest values keep a typo (--epochs 1000000000000) from hanging; an lr beyond float32's range
+# cannot even step the weights (a classifier that diverges below it is caught after training: check_finite).
+COUNT, EPOCHS = number(int, 1), number(int, 1, 10_000)
+LR = number(float, 0, torch.finfo(torch.float32).max, above=True)
 
 
 def main(argv=None):
@@ -199,33 +263,32 @@ def main(argv=None):
                                   "(default: the run's own)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | stl10 (default: the run's own)")
     p.add_argument("--arch", choices=ARCHS, help="default: the run's own")
-    p.add_argument("--image-size", type=positive(int), help="default: the run's own")
+    p.add_argument("--image-size", type=number(int, 8, MAX_IMAGE_SIZE), help="default: the run's own")
     p.add_argument("--stem", choices=STEMS, help="default: the run's own (cifar at <= 64 px, else imagenet)")
-    p.add_argument("--subset", type=positive(int), help="use a fixed random subset of this many training images")
-    p.add_argument("--test-subset", type=positive(int), help="and of this many test images")
-    p.add_argument("--epochs", type=positive(int), default=100, help="linear classifier epochs (default 100)")
-    p.add_argument("--lr", type=positive(float), default=0.1, help="linear classifier lr (default 0.1)")
+    p.add_argument("--subset", type=COUNT, help="use a fixed random subset of this many training images")
+    p.add_argument("--test-subset", type=COUNT, help="and of this many test images")
+    p.add_argument("--epochs", type=EPOCHS, default=100, help="linear classifier epochs (default 100)")
+    p.add_argument("--lr", type=LR, default=0.1, help="linear classifier lr (default 0.1)")
     p.add_argument("--augment", action="store_true", help="train the probe on random crops and flips")
-    p.add_argument("--k", type=positive(int), default=200, help="kNN neighbours (default 200)")
+    p.add_argument("--k", type=COUNT, default=200, help="kNN neighbours (default 200; at most the training images)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate an untrained encoder instead: the baseline every result is read against")
-    p.add_argument("--labels", type=float,
+    p.add_argument("--labels", type=number(float, 0, 1, above=True),
                    help="also fine-tune the encoder on this class-balanced fraction of the training labels "
                         "(0.01 or 0.1: Sec. 4.2, Table 2)")
-    p.add_argument("--finetune-epochs", type=positive(int), default=10, help="fine-tuning epochs (default 10)")
-    p.add_argument("--finetune-lr", type=positive(float), default=0.05, help="fine-tuning lr (default 0.05)")
+    p.add_argument("--finetune-epochs", type=EPOCHS, default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--finetune-lr", type=LR, default=0.05, help="fine-tuning lr (default 0.05)")
     p.add_argument("--plot", action="store_true",
                    help="draw README.assets/curves.png from the run's log.jsonl, and do nothing else")
     p.add_argument("--device", help="default: cuda when available")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     args = p.parse_args(argv)
 
     if args.plot:
         from plots import draw_curves  # the one home of README.assets/ drawing
         print(f"wrote {draw_curves(args.run or newest_run())}")
         return None
-    if args.labels is not None and not 0 < args.labels <= 1:
-        raise SystemExit(f"error: --labels {args.labels} is a fraction of the training labels: 0.01 or 0.1")
+    device = pick_device(args.device)                        # before anything slow: --device foo fails at once
     torch.manual_seed(args.seed)
     if args.random_init:
         cfg = dict(arch=args.arch or "resnet18", image_size=args.image_size or 32, stem=args.stem)
@@ -234,15 +297,17 @@ def main(argv=None):
         if args.run is None:
             args.run = newest_run()
         encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size, args.stem)
-    device = pick_device(args.device)
     root, dataset = args.data or cfg.get("data", "data"), args.dataset or cfg.get("dataset", "cifar10")
-    cache = cache_dir(run_dir)
-    size = cfg["image_size"]
+    if args.data is None and not os.path.exists(root) and os.path.normpath(root) != data.DEFAULT_ROOT:
+        raise SystemExit(f"error: {args.run} was trained on {root} (its config), which is not here. Pass --data: "
+                         f"the folder holding train/ and test/ ImageFolders (or the training one, test/ beside it)")
+    cache, size = cache_dir(run_dir), cfg["image_size"]
     train_x, train_y = data.load(root, dataset, "train", size, args.subset, args.seed, cache)
     test_x, test_y = data.load(root, dataset, "test", size, args.test_subset, args.seed, cache)
     labelled = train_y >= 0                                  # STL-10's unlabeled part has label -1
     train_x, train_y = train_x[labelled].to(device), train_y[labelled].to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
+    check_classes(train_y, test_y, root, args.subset)
     n_classes = int(train_y.max()) + 1
 
     encoder = encoder.to(device)
@@ -256,7 +321,9 @@ def main(argv=None):
                             args.epochs, args.lr, stats=stats,
                             augment=(lambda x: crop_flip(x, size, mean=stats[0], std=stats[1])) if args.augment else None)
     with torch.no_grad():
-        top1, top5 = topk_accuracy(classify(f_test), test_y)
+        logits = classify(f_test)
+    check_finite(logits, "linear classifier", "--lr", args.lr)
+    top1, top5 = topk_accuracy(logits, test_y)
     # Sec. 4.1: the representation is frozen; check that nothing (weights or BN statistics) moved.
     changed = [k for k, v in encoder.state_dict().items() if not torch.equal(v, frozen[k])]
     assert not changed, f"the frozen encoder changed during evaluation: {changed[:5]}"
@@ -266,12 +333,12 @@ def main(argv=None):
         keep = balanced_subset(train_y, args.labels, args.seed).to(device)
         net = finetune(encoder, train_x[keep], train_y[keep], n_classes, device, size,
                        args.finetune_epochs, args.finetune_lr, stats=stats)
-        semi_top1, semi_top5 = topk_accuracy(features(net, test_x, device, stats=stats), test_y)
+        logits = features(net, test_x, device, stats=stats)
+        check_finite(logits, "fine-tuned network", "--finetune-lr", args.finetune_lr)
+        semi_top1, semi_top5 = topk_accuracy(logits, test_y)
         result.update(labels=args.labels, n_labels=len(keep), semi_top1=semi_top1, semi_top5=semi_top5)
         changed = [k for k, v in encoder.state_dict().items() if not torch.equal(v, frozen[k])]
         assert not changed, f"fine-tuning changed the original encoder: {changed[:5]}"
-    if run_dir and os.path.isdir(run_dir):
-        save_json(result, os.path.join(run_dir, "eval.json"))
     print(f"linear top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%  kNN top-1 {100 * knn:.2f}%")
     if args.labels is not None:
         print(f"fine-tuned on {100 * args.labels:g}% of the labels ({len(keep)} images): "
@@ -280,8 +347,11 @@ def main(argv=None):
             and size == 32:
         compare(result, run_dir)
     print(json.dumps(result))
+    if run_dir and os.path.isdir(run_dir):       # last: a folder that cannot take it still shows the figures
+        remove_temporaries(run_dir, ["eval.json"], older_than=60)   # a killed test.py's; not one writing now
+        save_json(result, os.path.join(run_dir, "eval.json"))
     return result
 
 
 if __name__ == "__main__":
-    cli(main, interrupted="\nStopped; nothing on disk was changed.")
+    cli(main, interrupted="\nStopped; eval.json is left as it was.")

@@ -8,6 +8,7 @@ What a reader of the paper can skip lives in rooms of its own: flags.py (the com
 (what each step reads), devices.py (GPUs and processes), runs.py (the run folder, checkpoints, signals),
 monitors.py (probe, kNN, collapse) and budget.py (--minutes).
 """
+import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line, not a traceback)
 import torch
 
 from augment import STATS, Augment

@@ -33,6 +33,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the project's loader, so that both arms read the very same uint8 tensors)
+from files import load_weights, read_log  # noqa: E402  (loads that cannot run code; logs cut short)
+from runs import cli  # noqa: E402  (a mistake the user can fix ends in its message, not a traceback)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -214,17 +216,19 @@ def run_ours(args, seed, out):
            "--base-lr", str(args.base_lr), "--weight-decay", str(args.weight_decay), "--tau-base", str(args.tau_base),
            "--epochs", str(args.epochs), "--seed", str(seed), "--knn-every", "1", "--test-subset", "2000",
            "--out", out, *(["--subset", str(args.subset)] if args.subset else []), *args.train_flags]
-    done = os.path.isfile(os.path.join(out, "checkpoint.pt")) and \
-        torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == args.epochs
+    ckpt = os.path.join(out, "checkpoint.pt")
+    saved = load_weights(ckpt) if os.path.isfile(ckpt) else {}
+    done = isinstance(saved, dict) and saved.get("epoch") == args.epochs
     if done:  # a finished run of this arm (e.g. killed before its evaluation): evaluate, don't retrain
         print(f"{out} is complete; evaluating it", flush=True)
     else:
         print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    state = torch.load(os.path.join(out, "encoder.pt"), map_location="cpu", weights_only=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode:
+            raise SystemExit(f"error: train.py stopped (its message is above); {out} keeps what it wrote")
+    state = load_weights(os.path.join(out, "encoder.pt"))
     encoder = encoder_net(args.stem)
     encoder.load_state_dict(state, strict=True)
-    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    records = read_log(os.path.join(out, "log.jsonl"))
     curve, last_step = [], 0
     for r in records:  # the epoch's mean loss (log lines weighted by their steps), kNN at its end
         if "knn_top1" in r:
@@ -255,7 +259,10 @@ def main():
     p.add_argument("--plot", metavar="PNG", help="draw the curves of --out's results.jsonl into PNG, and stop")
     args = p.parse_args()
     if args.plot:
-        print("wrote", plot([json.loads(line) for line in open(os.path.join(args.out, "results.jsonl"))], args.plot))
+        results = os.path.join(args.out, "results.jsonl")
+        if not os.path.isfile(results):
+            raise SystemExit(f"error: no {results}: run the arms first (without --plot), or pass their --out")
+        print("wrote", plot(read_log(results), args.plot))
         return
     global CACHE
     CACHE = os.path.join(os.path.dirname(args.out), ".cache")
@@ -292,7 +299,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
+    cli(main, interrupted="\nStopped; results.jsonl holds the arms that finished.")

@@ -29,6 +29,26 @@ def run(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def main_of(script, *args):
+    """A script's main(args) run as its __main__ runs it (through runs.cli), in this process: its exit code
+    and what it printed, as run() gives them, without the seconds a new process takes to import torch.
+    An exception that is not an exit is raised here, as the traceback a user would see."""
+    import contextlib
+    import importlib
+    import io
+    from runs import cli
+    module, out, err, code = importlib.import_module(script[:-len(".py")]), io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli(lambda: module.main(list(args)))
+        except SystemExit as e:
+            code = e.code
+    if isinstance(code, str):                     # SystemExit("error: ...") prints its message, exits 1
+        err.write(code + "\n")
+        code = 1
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+
+
 def _generated(path, n, seed):
     """Per-class coloured noise, so that classes are separable, written as JPEG."""
     g = torch.Generator().manual_seed(seed)

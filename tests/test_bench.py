@@ -64,3 +64,24 @@ def test_flops_per_image_are_one_full_byol_step(report):
     forward = counter.get_total_flops() / 2
     assert 1.0e9 < forward < 1.3e9  # CIFAR ResNet-18: ~0.56 G multiply-adds per 32 px image
     assert 7.5 * forward < report["flops_per_image"] < 8.5 * forward
+
+
+HUGE = str(10**12)
+BAD = [("--arch", "bogus")] + [(flag, value) for flag in ("--repeats", "--steps", "--images", "--batch-size",
+                                                           "--hidden-dim", "--image-size", "--peak-tflops")
+                               for value in ("0", "-1", "nan", "inf", HUGE)] + \
+      [(flag, value) for flag in ("--warmup", "--workers") for value in ("-1", "nan", "inf", HUGE)]
+
+
+@pytest.mark.parametrize("flag, value", BAD)
+def test_every_numeric_flag_and_the_arch_are_checked_before_any_work(flag, value, capsys):
+    """--repeats 0 (median of nothing), --steps 0 (a division by zero) and --arch bogus were tracebacks after
+    minutes of work; 10**12 images, workers or steps would exhaust the machine. Now each is a usage error."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu", f"{flag}={value}"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_images_that_would_fill_the_memory_are_refused_before_loading():
+    with pytest.raises(SystemExit, match="--images 10000000 at 1024 px would fill"):
+        bench.parse_args(["--device", "cpu", "--images", "10000000", "--image-size", "1024"])

@@ -12,18 +12,18 @@ import torch
 from PIL import Image
 
 import data
-from tests.conftest import run
+from tests.conftest import main_of
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
-    r = run("train.py", "--data", str(tmp_path / "nowhere"), "--device", "cpu")
+    r = main_of("train.py", "--data", str(tmp_path / "nowhere"), "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "does not exist" in r.stderr and "--data" in r.stderr
 
 
 def test_empty_class_folders_are_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "cat")
-    r = run("train.py", "--data", str(tmp_path), "--device", "cpu")
+    r = main_of("train.py", "--data", str(tmp_path), "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "No images" in r.stderr
 
 
@@ -32,7 +32,7 @@ def test_corrupt_image_is_a_clear_error(image_root, tmp_path):
     shutil.copytree(image_root / "train", tmp_path / "train")
     bad = tmp_path / "train" / "cat" / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    r = run("train.py", "--data", str(tmp_path / "train"), "--device", "cpu", "--epochs", "1")
+    r = main_of("train.py", "--data", str(tmp_path / "train"), "--device", "cpu", "--epochs", "1")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "broken.jpg" in r.stderr
 
@@ -79,6 +79,74 @@ def test_empty_data_folder_says_how_to_lay_it_out_not_network(tmp_path, monkeypa
     with pytest.raises(data.DataError, match="network"):
         data.load(str(tmp_path / "mine"), cache=str(tmp_path / "cache"))
     assert asked == ["data", str(tmp_path / "mine")]
+
+
+def test_a_file_given_as_data_is_named_a_file_not_missing(tmp_path):
+    archive = tmp_path / "cifar10.tar"
+    archive.write_bytes(b"\0" * 512)
+    for read in (lambda: data.load(str(archive), cache=str(tmp_path / "cache")),   # train.py, test.py
+                 lambda: data.folder_files(str(archive))):                           # train.py --stream
+        with pytest.raises(data.DataError) as e:
+            read()
+        msg = str(e.value)
+        assert "is a file, not a folder" in msg and "unpack" in msg and str(archive) in msg, msg
+        assert "does not exist" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("loop", ["image", "images in a cycle", "class folder", "class folders in a cycle",
+                                  "test split", "--data itself"])
+def test_symlink_loops_are_a_clear_error_not_a_traceback(tmp_path, loop):
+    """ELOOP wherever a link loops: every reader of the folder (in memory and --stream) raises a DataError
+    naming the link and saying what to do."""
+    make_folder(tmp_path / "train", ["cat", "dog"])
+    make_folder(tmp_path / "test", ["cat", "dog"])
+    root, links = str(tmp_path), {"image": {"train/cat/2.png": "2.png"},
+                                  "images in a cycle": {"train/cat/a.png": "b.png", "train/cat/b.png": "a.png"},
+                                  "class folder": {"train/emu": "emu"},
+                                  "class folders in a cycle": {"train/emu": "gnu", "train/gnu": "emu"},
+                                  "test split": {"test/emu": "emu"},
+                                  "--data itself": {"loop": "loop"}}[loop]
+    for link, target in links.items():
+        os.symlink(target, tmp_path / link)
+    if loop == "--data itself":
+        root = str(tmp_path / "loop")
+    for read in (lambda: data.load(root, split="test", cache=str(tmp_path / "cache")),  # reads train/ and test/
+                 lambda: data.folder_files(root, split="test")):                        # the --stream listing
+        with pytest.raises(data.DataError) as e:
+            read()
+        msg = str(e.value)
+        assert any(str(tmp_path / link) in msg for link in links) and "symbolic link" in msg and "\n" not in msg, msg
+    if loop == "image":  # listed before the loop appeared: decoding, and a --stream worker's read
+        looped = str(tmp_path / "train/cat/2.png")
+        for read in (lambda: data.decode(looped, 8), lambda: data.StreamingFolder([(looped, 0)], 8)[0]):
+            with pytest.raises(data.DataError, match="leads back to itself"):
+                read()
+
+
+def test_a_class_folder_link_to_nothing_is_an_error_not_a_missing_class(tmp_path):
+    """A class folder linked from a disk that is not mounted: its class silently left out would shift the
+    labels of the classes after it."""
+    root = make_folder(tmp_path / "train", ["cat", "dog"])
+    os.symlink(tmp_path / "unmounted" / "bird", tmp_path / "train" / "bird")
+    with pytest.raises(data.DataError) as e:
+        data.load(root, cache=str(tmp_path / "cache"))
+    assert str(tmp_path / "train" / "bird") in str(e.value) and "does not exist" in str(e.value)
+
+
+def test_a_class_folder_that_cannot_be_listed_is_a_clear_error(tmp_path, monkeypatch):
+    """A class folder without read permission (os.scandir raises PermissionError; root, which runs these
+    tests, reads every folder, so the refusal is simulated)."""
+    root = make_folder(tmp_path / "train", ["cat", "dog"])
+    scandir = os.scandir
+
+    def refuse_dog(path):
+        if os.path.basename(path) == "dog":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+    monkeypatch.setattr(data.os, "scandir", refuse_dog)
+    with pytest.raises(data.DataError, match="Permission denied") as e:
+        data.load(root, cache=str(tmp_path / "cache"))
+    assert str(tmp_path / "train" / "dog") in str(e.value)
 
 
 def test_hidden_folders_and_files_are_ignored(tmp_path):
@@ -145,15 +213,16 @@ def test_an_unreadable_cache_is_rebuilt(tmp_path, capsys, damage):
     root, cache = make_folder(tmp_path / "train", ["cat", "dog"]), str(tmp_path / "cache")
     x, y = data.load(root, cache=cache)
     [path] = glob.glob(os.path.join(cache, "*.pt"))
+    digests = torch.load(path, weights_only=True)[2]
     if damage == "truncated":
         blob = open(path, "rb").read()
         open(path, "wb").write(blob[:len(blob) // 2])
     elif damage == "poisoned":
-        torch.save((Poison(str(tmp_path / "marker")), y), path)
+        torch.save((Poison(str(tmp_path / "marker")), y, digests), path)
     elif damage == "wrong type":
-        torch.save((x.float(), y), path)
+        torch.save((x.float(), y, digests), path)
     else:
-        torch.save((x, y[:2]), path)
+        torch.save((x, y[:2], digests), path)
     capsys.readouterr()
     x2, y2 = data.load(root, cache=cache)
     assert torch.equal(x2, x) and torch.equal(y2, y)
@@ -161,6 +230,26 @@ def test_an_unreadable_cache_is_rebuilt(tmp_path, capsys, damage):
     assert path in err and "could not be read" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "marker")
     assert all(torch.equal(a, b) for a, b in zip(torch.load(path, weights_only=True), (x, y)))  # rewritten
+
+
+def test_replaced_images_are_never_served_from_the_cache(tmp_path, capsys, monkeypatch):
+    """Another image under the same name, size and modification time (as rsync -t or a restored backup
+    leaves it) is decoded again, with a note; an unchanged folder is served from the cache, not decoded."""
+    root, cache = make_folder(tmp_path / "train", ["cat", "dog"]), str(tmp_path / "cache")
+    data.load(root, cache=cache)
+    replaced = str(tmp_path / "train" / "dog" / "1.png")
+    before = os.stat(replaced)
+    Image.new("L", (8, 8), SHADE["frog"]).save(replaced)
+    os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(replaced).st_size, os.stat(replaced).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    capsys.readouterr()
+    x, _ = data.load(root, cache=cache)
+    assert x[:, 0, 0, 0].tolist() == [SHADE["cat"]] * 2 + [SHADE["dog"], SHADE["frog"]]
+    err = capsys.readouterr().err
+    assert "1 of the 4 images" in err and replaced in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr(data, "decode", None)  # decoding now fails: the rewritten cache must be what is read
+    x2, _ = data.load(root, cache=cache)
+    assert torch.equal(x2, x) and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("size", [0, -5])
@@ -278,7 +367,7 @@ def test_streaming_views_follow_the_in_memory_views_distributions(image_root):
     crops, a bug these statistics must see, moves the sharpness by more than that."""
     from augment import Augment
     files = data.folder_files(str(image_root / "train"))
-    images, stream, aug = torch.stack([data.decode(f, 32) for f, _ in files]), data.StreamingFolder(files, 32), \
+    images, stream, aug = torch.stack([data.decode(f, 32)[0] for f, _ in files]), data.StreamingFolder(files, 32), \
         Augment(32)
     torch.manual_seed(0)
     memory = [aug(images) for _ in range(32)]
@@ -291,3 +380,18 @@ def test_streaming_views_follow_the_in_memory_views_distributions(image_root):
             assert (a[stat].mean() - b[stat].mean()).abs() < 4 * se, (k, stat)
         se = (a[2].var() / len(a[2]) + c[2].var() / len(c[2])).sqrt()
         assert (a[2].mean() - c[2].mean()).abs() > 4 * se, k
+
+
+def test_a_stream_worker_error_reaches_the_user_as_our_message_alone(image_root, tmp_path):
+    """DataLoader re-raises a worker's DataError with the worker's traceback as its message; the user must
+    read what a reader in this process would have raised: one paragraph naming the file."""
+    import batches
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    stream = data.StreamingFolder(data.folder_files(str(image_root / "train"))[:3] + [(str(bad), 0)], 8)
+    with pytest.raises(data.DataError) as here:
+        stream[3]
+    with pytest.raises(data.DataError) as worker:
+        list(batches.stream_batches(stream, torch.arange(4), 0, {"batch_size": 4, "workers": 1}, 0, 1,
+                                    torch.device("cpu")))
+    assert str(worker.value) == str(here.value) and str(bad) in str(here.value) and "\n" not in str(here.value)

@@ -1,13 +1,33 @@
 """test.py: linear evaluation and kNN of a trained run, its command line, the 1% / 10% label subsets
-and semi-supervised fine-tuning."""
+and semi-supervised fine-tuning; and what test.py survives (docs/reliability.md, "What survives what")."""
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import test as evaluate
-from tests.conftest import run
+from files import UserError
+from tests.conftest import ROOT, main_of, run
+
+
+def _copy(trained, tmp_path, *names):
+    """The tiny run's files (encoder.pt, config.json and log.jsonl unless named) in a fresh folder, so that no
+    test changes the session's run; copy2 keeps their times (encoder.pt stays newer than checkpoint.pt)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in names or ("encoder.pt", "config.json", "log.jsonl"):
+        shutil.copy2(os.path.join(trained, name), out / name)
+    return str(out)
+
+
+def _quick(image_root):
+    return ["--data", str(image_root), "--epochs", "1", "--device", "cpu"]
 
 
 def test_evaluate_run(trained, image_root):
@@ -19,7 +39,7 @@ def test_evaluate_run(trained, image_root):
 
 
 def test_evaluate_cli_prints_json_last(trained, image_root):
-    r = run("test.py", os.path.join(trained, "checkpoint.pt"), "--data", str(image_root), "--epochs", "2",
+    r = main_of("test.py", os.path.join(trained, "checkpoint.pt"), "--data", str(image_root), "--epochs", "2",
             "--augment", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["augment"] is True
@@ -68,7 +88,7 @@ def test_bad_numbers_are_usage_errors(capsys):
 
 
 def test_encoder_of_another_architecture_is_a_clear_error(trained, image_root):
-    r = run("test.py", trained, "--arch", "resnet50", "--data", str(image_root), "--device", "cpu")
+    r = main_of("test.py", trained, "--arch", "resnet50", "--data", str(image_root), "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "resnet50" in r.stderr
 
 
@@ -105,3 +125,246 @@ def test_published_figures_sit_beside_the_matching_figure_of_ours(tmp_path, caps
     assert "75.00%" in online and "92.58%" in online and "online" in online
     assert "65.00%" in next(line for line in out.splitlines() if "knn_top1" in line)
     assert "no published like-for-like" in next(line for line in out.splitlines() if "top1 " in line and "70.00%" in line)
+
+
+# ---- what test.py survives ---------------------------------------------------------------------------
+
+def test_links_named_like_an_eval_json_temporary_are_never_written_through(trained, image_root, tmp_path):
+    """eval.json.tmp used to be written through: a link of that name (and a dangling one beside it) now
+    keeps its target as it was, nothing appears outside the run folder, and eval.json is a plain file."""
+    run_dir, outside = _copy(trained, tmp_path), tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    os.symlink(outside / "precious", os.path.join(run_dir, "eval.json.tmp"))
+    os.symlink(outside / "made-through-a-link", os.path.join(run_dir, ".eval.json.tmp"))   # dangling
+    result = evaluate.main([run_dir, *_quick(image_root)])
+    assert (outside / "precious").read_text() == "keep" and os.listdir(outside) == ["precious"]
+    assert all(os.path.islink(os.path.join(run_dir, name)) for name in ("eval.json.tmp", ".eval.json.tmp"))
+    assert not os.path.islink(os.path.join(run_dir, "eval.json"))
+    assert json.load(open(os.path.join(run_dir, "eval.json")))["top1"] == result["top1"]
+
+
+def test_a_killed_evaluations_leftover_temporary_is_removed_and_nothing_else(trained, image_root, tmp_path):
+    """Only what test.py itself made goes: an old .eval.json.XXXXXXXX.tmp (files.save_atomic's name) that
+    a kill left. A fresh one (another test.py writing now), a link of that name, train.py's temporaries
+    and a user's own .tmp file stay."""
+    run_dir, hour_ago = _copy(trained, tmp_path), time.time() - 3600
+    (tmp_path / "target").write_text("keep")
+    names = {".eval.json.k3x9_q0a.tmp": "old", ".eval.json.q0a9x3k_.tmp": "fresh", ".eval.json.abcd1234.tmp": "link",
+             ".checkpoint.pt.abcdefgh.tmp": "old", "notes.tmp": "old", ".eval.json.mine.tmp": "old"}
+    for name, kind in names.items():
+        path = os.path.join(run_dir, name)
+        if kind == "link":
+            os.symlink(tmp_path / "target", path)
+        else:
+            open(path, "w").write("partial")
+        if kind != "fresh":
+            os.utime(path, (hour_ago, hour_ago), follow_symlinks=False)
+    evaluate.main([run_dir, *_quick(image_root)])
+    left = set(os.listdir(run_dir))
+    assert ".eval.json.k3x9_q0a.tmp" not in left and set(names) - {".eval.json.k3x9_q0a.tmp"} <= left
+    assert (tmp_path / "target").read_text() == "keep"
+
+
+FLOAT_FLAGS = ["--lr", "--finetune-lr", "--labels"]
+
+
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_inf_are_usage_errors_for_every_float_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["anything", f"{flag}={value}"])
+    assert e.value.code == 2 and "finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--lr", "3e38"],
+                                   ["--labels", "0.1", "--finetune-epochs", "1", "--finetune-lr", "1e30"]])
+def test_a_diverging_classifier_is_an_error_naming_its_lr_and_keeps_eval_json(trained, image_root, tmp_path, flags):
+    """lr 3e38 (float32's largest is 3.4e38) makes the linear head's logits Inf; lr 1e30 makes the fine-tuned
+    network's NaN. Both used to score chance and replace eval.json; now each names the flag to lower."""
+    run_dir = _copy(trained, tmp_path)
+    with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        f.write('{"top1": 0.5}')
+    with pytest.raises(SystemExit, match=f"diverged.*lower {flags[-2]}"):
+        evaluate.main([run_dir, *_quick(image_root), *flags])
+    assert open(os.path.join(run_dir, "eval.json")).read() == '{"top1": 0.5}'
+
+
+HUGE = str(10**12)
+REFUSED = [(flag, value) for flag in ("--image-size", "--epochs", "--finetune-epochs", "--labels")
+           for value in ("0", "-1", "nan", "inf", HUGE)] + \
+          [(flag, value) for flag in ("--subset", "--test-subset", "--k") for value in ("0", "-1", "nan", "inf")] + \
+          [(flag, value) for flag in ("--lr", "--finetune-lr") for value in ("0", "-1", "nan", "inf", "1e39")] + \
+          [("--seed", value) for value in ("-1", "nan", "inf", str(10**30))]
+
+
+@pytest.mark.parametrize("flag, value", REFUSED)
+def test_every_numeric_flag_refuses_zero_negative_nan_inf_and_huge_before_any_work(flag, value, capsys):
+    """A usage error naming the flag: --epochs 10**12 used to run for ever, --seed 10**30 and --lr 1e39 to
+    end in a traceback, --lr inf to score chance."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["anything", f"{flag}={value}"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_huge_numbers_that_are_allowed_give_a_clean_result(trained, image_root, tmp_path):
+    """--k beyond the bank is the whole bank; --subset beyond the set is named; --lr 10**12 on the linear
+    head stays finite (it acts as a perceptron) and is scored."""
+    run_dir = _copy(trained, tmp_path)
+    result = evaluate.main([run_dir, *_quick(image_root), "--k", HUGE, "--lr", HUGE, "--seed", str(2**32 - 1)])
+    assert 0 <= result["knn_top1"] <= 1 and 0 <= result["top1"] <= 1
+    with pytest.raises(UserError, match="larger than the dataset"):
+        evaluate.main([run_dir, *_quick(image_root), "--subset", HUGE])
+
+
+@pytest.mark.parametrize("name", ["encoder.pt", "checkpoint.pt"])
+def test_a_zero_byte_encoder_or_checkpoint_is_a_clear_error(tmp_path, name):
+    """What a power cut can leave: test.py says the file is empty, on the command line, no traceback."""
+    (tmp_path / name).write_bytes(b"")
+    r = main_of("test.py", str(tmp_path / name), "--device", "cpu")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "empty" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("config, target", [
+    (b'{"arch": "resnet18", "ima', "run"), (b'{"arch": "resnet18", "ima', "checkpoint.pt"), (b"[1, 2]", "run"),
+    (b"\xff\xfe", "run"), (b'{"arch": "vgg16"}', "run"), (b'{"image_size": "32"}', "run"),
+    (b'{"normalize": "mnist"}', "run")])
+def test_a_truncated_or_malformed_config_is_a_clear_error(trained, tmp_path, config, target):
+    """config.json cut short, not an object, not text, or naming what this project cannot build: one
+    message naming config.json, through the command line, also for a run's checkpoint.pt."""
+    run_dir = _copy(trained, tmp_path, "encoder.pt", *(["checkpoint.pt"] if target == "checkpoint.pt" else []))
+    (tmp_path / "run" / "config.json").write_bytes(config)
+    r = main_of("test.py", run_dir if target == "run" else os.path.join(run_dir, target), "--device", "cpu")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "config" in r.stderr, r.stderr[-2000:]
+
+
+def test_an_unknown_device_is_a_clear_error_on_the_command_line(trained):
+    r = main_of("test.py", trained, "--device", "foo")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--device 'foo'" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_run_with_a_checkpoint_but_no_encoder_is_evaluated_from_the_checkpoint(trained, image_root, tmp_path,
+                                                                                   capsys):
+    """It used to say "Train one": now the online encoder inside checkpoint.pt is evaluated, with a note,
+    and it is the very encoder train.py wrote to encoder.pt."""
+    run_dir = _copy(trained, tmp_path, "checkpoint.pt", "config.json")
+    result = evaluate.main([run_dir, *_quick(image_root)])
+    assert "note: evaluating the online encoder inside" in capsys.readouterr().out
+    assert json.load(open(os.path.join(run_dir, "eval.json")))["top1"] == result["top1"]
+    ours, saved = evaluate.load_encoder(run_dir)[0].state_dict(), evaluate.load_encoder(trained)[0].state_dict()
+    assert ours.keys() == saved.keys() and all(torch.equal(ours[k], saved[k]) for k in ours)
+
+
+def test_an_encoder_older_than_its_checkpoint_is_passed_over_for_the_checkpoint(trained, tmp_path, capsys):
+    """A kill between train.py's two saves leaves encoder.pt an epoch behind checkpoint.pt: the newer
+    checkpoint's encoder is evaluated, and the note says why."""
+    run_dir = _copy(trained, tmp_path, "checkpoint.pt", "encoder.pt", "config.json")
+    stale = torch.load(os.path.join(run_dir, "encoder.pt"), weights_only=True)
+    stale["conv1.weight"].zero_()
+    torch.save(stale, os.path.join(run_dir, "encoder.pt"))
+    then = os.path.getmtime(os.path.join(run_dir, "checkpoint.pt")) - 60
+    os.utime(os.path.join(run_dir, "encoder.pt"), (then, then))
+    encoder = evaluate.load_encoder(run_dir)[0]
+    assert encoder.conv1.weight.abs().sum() > 0 and "written after encoder.pt" in capsys.readouterr().out
+
+
+def _image_root(image_root, tmp_path, train_classes, test_classes):
+    root = tmp_path / "images"
+    for split, classes in (("train", train_classes), ("test", test_classes)):
+        for c in classes:
+            shutil.copytree(image_root / split / c, root / split / c)
+    return str(root)
+
+
+def test_a_one_class_training_set_is_refused_not_scored_100_percent(trained, image_root, tmp_path):
+    """It used to report 100% for any encoder. The figures would say nothing, so none is printed or saved."""
+    run_dir, root = _copy(trained, tmp_path), _image_root(image_root, tmp_path, ["cat"], ["cat"])
+    with pytest.raises(SystemExit, match="of one class"):
+        evaluate.main([run_dir, "--data", root, "--epochs", "1", "--device", "cpu"])
+    assert not os.path.exists(os.path.join(run_dir, "eval.json"))
+
+
+def test_a_test_split_of_fewer_classes_is_scored_with_a_warning(trained, image_root, tmp_path, capsys):
+    run_dir = _copy(trained, tmp_path)
+    root = _image_root(image_root, tmp_path, ["airplane", "automobile", "cat", "ship"], ["cat"])
+    result = evaluate.main([run_dir, "--data", root, "--epochs", "1", "--device", "cpu"])
+    assert result["n_test"] == 8 and "cover 1 of the 4 training classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arg, message", [("config.json", "not its weights. Pass the run folder"),
+                                          ("log.jsonl", "not its weights. Pass the run folder"),
+                                          ("..", "It holds runs: pass one"), ("nowhere", "does not exist")])
+def test_a_run_argument_of_another_kind_is_named_as_what_it_is(trained, tmp_path, arg, message):
+    """A config.json given as the run used to be "refused ... can run code", the folder of runs "Train one"."""
+    run_dir = _copy(trained, tmp_path)
+    with pytest.raises(SystemExit, match=message):
+        evaluate.load_encoder(os.path.normpath(os.path.join(run_dir, arg)))
+
+
+def test_a_symlinked_run_folder_is_evaluated_into_its_target(trained, image_root, tmp_path):
+    run_dir = _copy(trained, tmp_path)
+    os.symlink(run_dir, tmp_path / "link")
+    result = evaluate.main([str(tmp_path / "link"), *_quick(image_root)])
+    assert json.load(open(os.path.join(run_dir, "eval.json")))["top1"] == result["top1"]
+
+
+def test_a_run_whose_training_images_are_gone_asks_for_data(trained, tmp_path):
+    """Without --data, the run's own folder is used; when it is gone, the message says so and names --data
+    (it used to say "leave --data out", which the user had done)."""
+    run_dir = _copy(trained, tmp_path)
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    json.dump(dict(cfg, data=str(tmp_path / "gone" / "train")), open(os.path.join(run_dir, "config.json"), "w"))
+    with pytest.raises(SystemExit, match="was trained on .*gone.* which is not here. Pass --data"):
+        evaluate.main([run_dir, "--device", "cpu"])
+
+
+def test_ctrl_c_during_the_linear_probe_is_one_line_and_keeps_eval_json(trained, image_root, tmp_path):
+    run_dir = _copy(trained, tmp_path)
+    open(os.path.join(run_dir, "eval.json"), "w").write('{"top1": 0.5}')
+    with open(tmp_path / "stderr", "w") as err:
+        job = subprocess.Popen([sys.executable, "test.py", run_dir, "--data", str(image_root), "--augment",
+                                "--epochs", "10000", "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=err, text=True)
+        deadline = time.time() + 120
+        while "linear probe" not in (tmp_path / "stderr").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        job.send_signal(signal.SIGINT)
+        job.communicate(timeout=120)
+    stderr = (tmp_path / "stderr").read_text()
+    assert job.returncode != 0 and "Traceback" not in stderr and "Stopped" in stderr, stderr[-2000:]
+    assert open(os.path.join(run_dir, "eval.json")).read() == '{"top1": 0.5}'
+
+
+def test_no_runs_folder_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "test.py")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "runs/" in r.stderr and "train.py" in r.stderr
+
+
+def test_an_eval_json_that_cannot_be_written_still_prints_the_figures(trained, image_root, tmp_path):
+    """eval.json is written last: when it cannot be (here a folder holds its name, as a read-only run folder
+    would refuse it), the figures and the JSON line are printed first, then the error."""
+    run_dir = _copy(trained, tmp_path)
+    os.mkdir(os.path.join(run_dir, "eval.json"))
+    r = main_of("test.py", run_dir, *_quick(image_root))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Could not write" in r.stderr, r.stderr[-2000:]
+    assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["top1"] <= 1
+
+
+class _Args:
+    data, stem, batch_size, optimizer, base_lr, weight_decay, tau_base, epochs, subset, train_flags = \
+        "data", "cifar", 8, "sgd", 0.1, 0.0, 0.99, 1, None, []
+
+
+def test_side_by_side_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
+    """experiments/side_by_side.py used torch.load itself: a refused pickle was a traceback. It now loads
+    through files.load_weights: a clear message, and the code does not run."""
+    from experiments import side_by_side
+    marker = tmp_path / "ran"
+    os.makedirs(tmp_path / "arm")
+    torch.save({"epoch": _Pickled(str(marker))}, tmp_path / "arm" / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="refused to load"):
+        side_by_side.run_ours(_Args(), 0, str(tmp_path / "arm"))
+    assert not marker.exists()
+    r = run("experiments/side_by_side.py", "--data", "anything", "--out", str(tmp_path / "none"), "--plot", "x.png")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "results.jsonl" in r.stderr, r.stderr[-2000:]

@@ -13,7 +13,7 @@ import test as evaluate
 import train
 from evaluation import features
 from models import resnet
-from tests.conftest import TINY, run
+from tests.conftest import TINY, main_of
 
 
 def test_train_writes_checkpoint_encoder_and_log(trained):
@@ -78,7 +78,7 @@ def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypat
 
 
 def test_batch_size_too_small_for_batchnorm(image_root):
-    r = run("train.py", "--data", str(image_root / "train"), "--batch-size", "1", "--device", "cpu")
+    r = main_of("train.py", "--data", str(image_root / "train"), "--batch-size", "1", "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "BatchNorm" in r.stderr
 
 
@@ -95,7 +95,7 @@ def test_imagenet_stem_run_trains_saves_and_evaluates(image_root, tmp_path):
     net.load_state_dict(torch.load(os.path.join(out, "encoder.pt")), strict=True)
     result = evaluate.main([out, "--data", str(image_root), "--epochs", "1", "--device", "cpu"])
     assert 0 <= result["knn_top1"] <= 1
-    r = run("test.py", out, "--stem", "cifar", "--data", str(image_root), "--device", "cpu")
+    r = main_of("test.py", out, "--stem", "cifar", "--data", str(image_root), "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "stem" in r.stderr
 
 
@@ -103,6 +103,8 @@ def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
     """The loop reads tensors on the host only at logging intervals (and at the epoch's end): the same
     data as 3 steps of 16 and as 6 steps of 8, logged once, must read the same number of values. A
     .item(), float(t) or `if t:` added to every step would read 3 more in the second run."""
+    for split in ("train", "test"):                       # decoded and cached first: the runs read the cache
+        data.load(str(image_root), split=split, subset=48 if split == "train" else None, cache=str(tmp_path / ".cache"))
     reads = []
     for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -153,7 +155,7 @@ def test_minutes_plans_a_whole_schedule_and_leaves_no_trace(image_root, tmp_path
     other = torch.load(os.path.join(same, "checkpoint.pt"), weights_only=False)
     for part in ("online", "target", "predictor", "probe"):
         assert all(torch.equal(v, other[part][k]) for k, v in ckpt[part].items()), part
-    r = run("train.py", "--resume", budget, "--minutes", "1")
+    r = main_of("train.py", "--resume", budget, "--minutes", "1")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "--minutes" in r.stderr
 
 
@@ -180,7 +182,7 @@ def test_streaming_path_trains_and_resumes(image_root, tmp_path, monkeypatch):
 
 
 def test_a_set_too_large_for_memory_names_stream_before_decoding(image_root):
-    r = run("train.py", "--data", str(image_root / "train"), "--image-size", "200000", *TINY)
+    r = main_of("train.py", "--data", str(image_root / "train"), "--image-size", "200000", *TINY)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "--stream" in r.stderr
 
 

@@ -1,0 +1,141 @@
+"""The command line of every script, fuzzed with a fixed seed: numbers (0, negative, nan, inf, huge) for
+each numeric flag, and paths (missing, a file, a link, a dangling link, unwritable) for each path argument.
+Every draw must end as a user expects, with an exit code and never a traceback: a usage error, a
+one-paragraph message, or the work done. What a draw starts is cut short at its first augmentation (as
+Ctrl-C would cut it), since what is fuzzed here is the command line, not the training."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import bench
+import plots
+import test as evaluate
+import train
+from runs import cli
+from tests.conftest import ROOT, TINY
+
+NUMBERS = ["0", "-1", "-2.5", "nan", "inf", "-inf", "1e308", "10000000000000"]
+PATHS = ["missing", "file", "link", "dangling", "unwritable", "folder"]
+NUMERIC = {
+    "train.py": [f"--{k.replace('_', '-')}" for k in train.DEFAULTS if k not in ("dataset", "data", "arch", "stem",
+                 "predictor", "optimizer", "lars_clip", "tau_schedule", "blur", "normalize", "device", "compile",
+                 "stream", "out", "recipe")],
+    "test.py": ["--epochs", "--lr", "--k", "--subset", "--test-subset", "--image-size", "--labels", "--finetune-epochs",
+                "--finetune-lr", "--seed"],
+    "plots.py": ["--random-knn"],
+    "bench.py": ["--batch-size", "--image-size", "--hidden-dim", "--workers", "--images", "--repeats", "--steps",
+                 "--warmup", "--peak-tflops"],
+}
+PATH_ARGS = {"train.py": ["--data", "--out", "--resume"], "test.py": ["run", "--data"],
+             "plots.py": ["curves", "views", "--out"], "bench.py": ["--data"]}
+DRAWS = {"train.py": 36, "test.py": 30, "plots.py": 20, "bench.py": 16}
+
+
+def draws(script, seed=0):
+    """The fixed sample of (argument, value) pairs fuzzed for one script."""
+    space = [(flag, value) for flag in NUMERIC[script] for value in NUMBERS] + \
+            [(arg, kind) for arg in PATH_ARGS[script] for kind in PATHS]
+    return random.Random(f"{script}-{seed}").sample(space, min(DRAWS[script], len(space)))
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """Each kind of path a user may pass by mistake, made in tmp_path."""
+    (tmp_path / "file.txt").write_text("not what was asked for")
+    os.symlink(tmp_path / "file.txt", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("a user's folder")
+    return dict(missing=str(tmp_path / "missing"), file=str(tmp_path / "file.txt"), link=str(tmp_path / "link"),
+                dangling=str(tmp_path / "dangling"), folder=str(tmp_path / "folder"),
+                unwritable="/proc/byol-fuzz")        # /proc takes no new files, not even from root
+
+
+def argv_for(script, arg, value, paths, base, tmp_path, i):
+    """The command line of one draw: the script's working command with one argument replaced."""
+    if value in PATHS:
+        value = paths[value]
+        if script == "train.py" and arg == "--resume":
+            return ["--resume", value]
+        if arg in ("run", "curves"):
+            return [value, *base[1:]] if script == "test.py" else ["curves", value, "--out", str(tmp_path / "c.png")]
+        if arg == "views":
+            return ["views", "--data", value, "--out", str(tmp_path / f"v{i}.png")]
+    return [*base, arg, value] if not value.startswith("-") else [*base, f"{arg}={value}"]
+
+
+def clean_end(main, argv, capsys):
+    """Runs main(argv) as its script's __main__ does (runs.cli) and returns the exit code; fails on an
+    exception that is not an exit, or on a traceback printed on the way."""
+    try:
+        cli(lambda: main(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    said = capsys.readouterr()
+    assert "Traceback" not in said.out + said.err, f"{argv}: {said.err[-2000:]}"
+    assert code is None or isinstance(code, (int, str)), f"{argv}: exit {code!r}"
+    return code
+
+
+@pytest.fixture
+def stop_at_first_view(monkeypatch):
+    """Ctrl-C at the first augmentation: a draw that starts to train stops there, as a user would stop it."""
+    augment = train.Augment.__call__
+
+    def interrupt(self, x):
+        os.kill(os.getpid(), signal.SIGINT)
+        return augment(self, x)
+    monkeypatch.setattr(train.Augment, "__call__", interrupt)
+
+
+def test_fuzz_train_command_line(image_root, tmp_path, paths, capsys, stop_at_first_view):
+    for i, (arg, value) in enumerate(draws("train.py")):
+        base = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "1", "--knn-every", "0",
+                "--out", str(tmp_path / f"run{i}"), *TINY]
+        clean_end(train.main, argv_for("train.py", arg, value, paths, base, tmp_path, i), capsys)
+
+
+def test_fuzz_test_command_line(trained, image_root, tmp_path, paths, capsys):
+    run_dir = shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("lock"))
+    for i, (arg, value) in enumerate(draws("test.py")):
+        base = [str(run_dir), "--data", str(image_root), "--epochs", "1", "--device", "cpu"]
+        clean_end(evaluate.main, argv_for("test.py", arg, value, paths, base, tmp_path, i), capsys)
+
+
+def test_fuzz_plots_command_line(trained, image_root, tmp_path, paths, capsys):
+    for i, (arg, value) in enumerate(draws("plots.py")):
+        base = ["curves", trained, "--out", str(tmp_path / f"c{i}.png")]
+        clean_end(plots.main, argv_for("plots.py", arg, value, paths, base, tmp_path, i), capsys)
+
+
+def test_fuzz_bench_command_line(image_root, tmp_path, paths, capsys, monkeypatch):
+    def stop(*args):
+        raise KeyboardInterrupt                       # the first measurement: bench's work is not fuzzed
+    monkeypatch.setattr(bench, "bench_augment", stop)
+    for i, (arg, value) in enumerate(draws("bench.py")):
+        base = ["--quick", "--device", "cpu", "--data", str(image_root / "train")]
+        clean_end(bench.main, argv_for("bench.py", arg, value, paths, base, tmp_path, i), capsys)
+
+
+@pytest.mark.parametrize("script, args", [("train.py", ["--data", "DATA", "--base-lr=nan"]),
+                                          ("test.py", ["RUN", "--lr=nan"]),
+                                          ("plots.py", ["curves", "RUN", "--random-knn=nan"]),
+                                          ("bench.py", ["--quick", "--device", "foo"])])
+def test_a_bad_draw_on_the_real_command_line_is_one_message(script, args, trained, image_root):
+    """One draw per script as a user types it: a subprocess, through its __main__ and runs.cli."""
+    args = [{"DATA": str(image_root / "train"), "RUN": trained}.get(a, a) for a in args]
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "error" in r.stderr, (args, r.stderr[-2000:])
+
+
+def test_the_fuzz_reaches_every_kind_of_value():
+    """The sample is fixed by its seed and, over the four scripts, reaches every kind of number and path."""
+    assert draws("train.py") == draws("train.py") != draws("train.py", seed=1)
+    drawn = {value for script in DRAWS for _, value in draws(script)}
+    assert set(NUMBERS) | set(PATHS) <= drawn
