@@ -3,10 +3,9 @@
 Every op runs on a whole uint8 batch on the training device, with its randomness drawn per image
 from torch's global RNG (so checkpoints can restore it), applied through masks and torch.where:
 no Python loop over images and no host sync. Each op matches torchvision.transforms.v2.functional
-on the same parameters (tests/test_augment.py checks this).
-
-The README's picture of the two views: python plots.py views (plots.py). Speed: bench.py.
+on the same parameters (tests/test_augment.py checks this). The two views: python plots.py views.
 """
+import functools
 import math
 
 import torch
@@ -37,6 +36,13 @@ def _uniform(n, lo, hi, device):  # (N,) floats ~ U[lo, hi]
     return lo + (hi - lo) * torch.rand(n, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def constant(values, device):
+    """A small table of numbers on the device, copied there once: a CUDA graph being captured may not copy
+    from the host (devices.StepGraph), and the copy is never repeated."""
+    return torch.tensor(values, device=device)
+
+
 def to_float(images):
     """uint8 (N,3,H,W) -> float32 in [0,1]; float input is taken to be in [0,1] already."""
     return images.float() / 255 if images.dtype == torch.uint8 else images.float()
@@ -44,9 +50,7 @@ def to_float(images):
 
 def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD):
     """uint8 or [0,1] float (N,3,H,W) -> (x - mean) / std, float32 on the same device."""
-    # mean and std are copied to the device without a stream sync, as torchvision does for its tables
-    mean = torch.tensor(mean).view(1, 3, 1, 1).to(images.device, non_blocking=True)
-    std = torch.tensor(std).view(1, 3, 1, 1).to(images.device, non_blocking=True)
+    mean, std = (constant(tuple(v), images.device).view(1, 3, 1, 1) for v in (mean, std))
     return (to_float(images) - mean) / std
 
 
@@ -86,29 +90,22 @@ def _cubic(t, a=-0.75):
     return torch.where(d <= 1, near, far)
 
 
-def _resize_matrix(start, length, size, full, mode):
+def _resize_matrix(start, length, size, full):
     """(N, size, full): row i holds the weights with which output pixel i mixes the source pixels,
     as F.interpolate(align_corners=False) resizes the crop [start, start + length) of each image: it
     samples start + (i + 0.5) * length / size - 0.5, and taps past the crop's edge repeat its edge
     pixel, as F.interpolate does at an image's edge."""
     src = (torch.arange(size, device=start.device) + 0.5) * (length / size)[:, None] - 0.5  # N x S
-    if mode == "bilinear":
-        src = src.clamp(min=0)
-        base, offsets = src.floor(), torch.tensor([0.0, 1.0], device=src.device)
-        t = (src - base)[..., None]
-        weights = torch.cat([1 - t, t], -1)                            # N x S x 2
-    else:
-        base, offsets = src.floor(), torch.tensor([-1.0, 0.0, 1.0, 2.0], device=src.device)
-        weights = _cubic(src - base)                                   # N x S x 4
+    base, offsets = src.floor(), constant((-1.0, 0.0, 1.0, 2.0), src.device)
+    weights = _cubic(src - base)                                       # N x S x 4, bicubic
     taps = torch.minimum((base[..., None] + offsets).clamp(min=0), (length - 1)[:, None, None])
     index = (taps + start[:, None, None]).long()
     return torch.zeros(len(start), size, full, device=src.device).scatter_add_(2, index, weights)
 
 
-def resized_crop(x, boxes, size, flip=None, mode="bicubic"):
-    """Crop each image to its (top, left, h, w) box and resize it to size x size, without antialias,
-    bicubic (DeepMind's and solo-learn's pipelines) or bilinear; then mirror the images where flip
-    (N,) is True. Equals v2.functional.resized_crop(..., antialias=False) with the overshoot of the
+def resized_crop(x, boxes, size, flip=None):
+    """Crop each image to its (top, left, h, w) box and resize it to size x size, bicubic without
+    antialias (DeepMind's and solo-learn's pipelines); then mirror the images where flip (N,) is True. Equals v2.functional.resized_crop(..., antialias=False) with the overshoot of the
     bicubic kernel clamped to [0, 1].
 
     Resizing is separable, so each image is two matrix products: rows (S x H) @ image @ cols^T
@@ -116,12 +113,12 @@ def resized_crop(x, boxes, size, flip=None, mode="bicubic"):
     """
     N, _, H, W = x.shape
     top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)      # N each
-    rows = _resize_matrix(top, h, size, H, mode)                        # N x S x H
-    cols = _resize_matrix(left, w, size, W, mode)                       # N x S x W
+    rows = _resize_matrix(top, h, size, H)                              # N x S x H
+    cols = _resize_matrix(left, w, size, W)                             # N x S x W
     if flip is not None:
         cols = torch.where(flip[:, None, None], cols.flip(1), cols)
     out = rows[:, None] @ x @ cols[:, None].transpose(2, 3)            # N x C x S x S
-    return out.clamp(0, 1) if mode == "bicubic" else out
+    return out.clamp(0, 1)
 
 
 # ---- per-image ops on float images in [0,1]; factors are (N,) tensors --------------------------
@@ -169,7 +166,7 @@ def rgb_to_hcv(x):
 def hcv_to_rgb(h, c, v):
     """The inverse: channel n = 5, 3, 1 (R, G, B) is v - c clamp(min(k, 4 - k), 0, 1) with
     k = (n + H) mod 6 (Wikipedia, "HSV to RGB alternative", where s v = c)."""
-    k = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1) + h[:, None]  # N x 3 x H x W, in [1, 11)
+    k = constant((5.0, 3.0, 1.0), h.device).view(1, 3, 1, 1) + h[:, None]  # N x 3 x H x W, in [1, 11)
     k = k - 6 * (k >= 6)                                                               # mod 6
     return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -256,7 +253,7 @@ class Augment:
         N, _, H, W = x.shape
         coin = lambda op: _bcast(_coin(N, recipe[op], x.device))  # noqa: E731  (N,1,1,1) bool
         boxes = sample_crop_boxes(N, H, W, self.scale, self.ratio, x.device) if crop else \
-            torch.tensor([0, 0, H, W], device=x.device).expand(N, 4)
+            constant((0, 0, H, W), x.device).expand(N, 4)
         x = resized_crop(x, boxes, self.image_size, flip=_coin(N, recipe["flip"], x.device))  # crop, flip
         x = color_jitter(x, recipe["jitter"], **JITTER)
         x = torch.where(coin("gray"), grayscale(x), x)

@@ -54,7 +54,7 @@ def training_data(cfg, device, rank=0, world=1):
         labels = torch.tensor([label for _, label in files], device=device)
         named = [(os.path.relpath(path, os.path.dirname(os.path.dirname(path))), size(path))
                  for path, _ in files]                                    # class/file and size: not the content
-        return Batches(data.StreamingFolder(files, cfg["image_size"]), labels, cfg, rank, world, device,
+        return Batches(data.StreamingFolder(files, cfg["image_size"], (cfg["crop_min_scale"], 1)), labels, cfg, rank, world, device,
                        digest(repr(named).encode())), None
     check_fits(cfg, device)
     if rank > 0:

@@ -1,38 +1,30 @@
 """How fast is this BYOL? Augmentation, the training step and both together, on one machine and data.
 
     python bench.py --device cuda              # GPU: batch 256, bf16 autocast + channels_last as train.py
-    python bench.py --device cuda --compile    # adds the torch.compile'd step
+    python bench.py --device cuda --compile --graph   # adds the compiled step, the step as one CUDA graph
     python bench.py --device cpu               # CPU: batch 64 (a few minutes on 2 cores)
     python bench.py --device cpu --quick       # every field in under 30 s, for tests and smoke runs
 
 It prints a table, then one JSON line (the last line of stdout) with the same numbers:
 
-1. Augmentation, views/s: augment.Augment on a uint8 batch on the device (2 views per image), against
-   the per-image torchvision.transforms.v2 pipeline on PIL images in a DataLoader with --workers
-   processes, built from the same augment.VIEWS / JITTER probabilities. On CPU, Augment runs on
-   --workers threads, so both sides use the same number of cores. PIL's resize always antialiases
-   (antialias=True); Augment's bicubic crop resize does not.
+1. Augmentation, views/s: augment.Augment on a uint8 batch on the device (2 views per image) against
+   the per-image torchvision.transforms.v2 pipeline on PIL images (the same VIEWS / JITTER) in a
+   DataLoader with --workers processes; on the CPU Augment gets as many threads. PIL's resize antialiases.
 2. One BYOL training step, images/s: train.byol_update (two views through online and target, loss,
-   backward, LARS, EMA) on real augmented batches, median of --repeats timings of --steps steps each.
-   Variants (each built by devices.prepare, as train.py builds its model; cuDNN convolutions still use
-   TF32 by default in the fp32 ones):
-     fp32           NCHW model and views, no autocast (on CPU: exactly train.py's step)
-     channels_last  channels_last model and views, no autocast
-     bf16           bf16 autocast + channels_last: train.py's step on CUDA (n/a on CPU)
-     compile        torch.compile(model) as forward, else as train.py on the device (with --compile)
-3. End to end, images/s: index a batch from the on-device uint8 set, aug(x), byol_update, as train.py's
-   loop does (without its probe and monitors), timed in turn with the bare step of the same variant and
-   model; data_path_overhead = 1 - bare step time / end-to-end time, the share of each step's time that
-   the data path costs: the median over repeats of the two timed back to back. The data path is also
-   timed alone (data_path_ms_per_batch); data_path_share_alone is its share of data path + bare step,
-   which on the CPU, where nothing overlaps, resolves what the noise of a whole step hides.
-4. FLOPs per image of one step (torch.utils.flop_counter, a multiply-add = 2 FLOPs), achieved TFLOP/s
-   per variant and, on CUDA, the fraction of the device's dense bf16 peak (--peak-tflops).
-5. Peak memory: torch.cuda.max_memory_allocated per variant on CUDA, the process's max RSS on CPU.
-6. The data path in images/s, two ways on the same --images files: the in-memory path (index the
-   on-device set, aug(x)) and the streaming path of train.py --stream (--workers DataLoader workers
-   decode each file and take its two crops, then aug on the device), one whole epoch of each, the
-   median over --repeats epochs (a fresh DataLoader each epoch, as train.py makes).
+   backward, LARS, EMA) on real augmented batches, median of --repeats timings of --steps steps each,
+   in variants built by devices.prepare: fp32 (NCHW, no autocast: train.py's step on the CPU),
+   channels_last (no autocast), bf16 (autocast + channels_last: train.py's on CUDA), compile (with
+   --compile). cuDNN still uses TF32 in the fp32 ones.
+3. End to end, images/s: index a batch of the on-device uint8 set, aug(x), byol_update, as train.py's
+   loop (without its monitors), timed in turn with the bare step; data_path_overhead = 1 - step time /
+   end-to-end time, the median over back-to-back pairs. The data path alone: data_path_ms_per_batch,
+   and data_path_share_alone, its share of data path + step (what the CPU's noise hides otherwise).
+   With --graph, also the whole loop body replayed as one CUDA graph (devices.StepGraph), and with
+   --compile that over the compiled model: graph_images_per_s (on the CPU: the graph-ready step, eager).
+4. FLOPs per image of one step (flop_counter; a multiply-add = 2), TFLOP/s per variant and, on CUDA, the
+   share of the dense bf16 peak (--peak-tflops). 5. Peak memory: CUDA's per variant, or the max RSS.
+6. The data path in images/s on the same --images files: in memory (index, aug) and train.py --stream's
+   (--workers DataLoader workers decode and crop, aug on the device), the median of --repeats epochs.
 """
 import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import argparse
@@ -53,7 +45,7 @@ import augment
 import data
 import train
 from batches import stream_batches
-from devices import host_memory_available, pick_device, prepare
+from devices import StepGraph, host_memory_available, pick_device, prepare
 from files import cache_dir
 from flags import number
 from models import ARCHS, BYOL
@@ -79,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=number(int, 1, 10_000), help="steps per repeat; default 20 cuda, 2 cpu, 1 --quick")
     p.add_argument("--warmup", type=number(int, 0, 10_000), help="untimed steps first; default 5 cuda, 1 cpu")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
+    p.add_argument("--graph", action="store_true", help="also time the step as one CUDA graph (--cuda-graph)")
     p.add_argument("--peak-tflops", type=number(float, 1e-3, 1e6), help="dense bf16 peak; default by device name")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg", "train"),
                    help="an ImageFolder of real images (default: the shared CIFAR-10 JPEGs)")
@@ -255,6 +248,22 @@ def bench_step(variant, views, args, device, images=None, aug=None):
     return B / statistics.median(t_step), B / statistics.median(t_e2e), shares, peak_memory(device)
 
 
+def bench_graph(images, aug, args, device, compile=False):
+    """images/s of train.py's loop body (index a batch, aug(x), byol_update) replayed as one CUDA graph
+    (devices.StepGraph, train.py --cuda-graph), over a compiled model if asked; on the CPU the same
+    graph-ready step runs eagerly on the graph's buffers."""
+    model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"]).to(device)
+    forward, optimizer = prepare(model, device, compile=compile, graphed=True), make_optimizer(model, train.DEFAULTS)
+    graph = StepGraph(lambda x, _, lr, tau: train.byol_update(model, forward, optimizer, *aug(x), lr, tau), device)
+    perm, B = torch.randperm(len(images), device=device), args.batch_size
+
+    def step(i):
+        j = i % (len(images) // B)
+        graph(images[perm[j * B:(j + 1) * B]], perm[:B], *lr_tau(args))
+    seconds, = timed([step], device, max(3, args.warmup), args.steps, args.repeats)  # warm-up: the capture
+    return B / statistics.median(seconds)
+
+
 def bench_data_path(images, aug, args, device):
     """Seconds per batch of train.py's data path alone (index a batch of the on-device set, aug(x)),
     with the threads train.py has: with the step's time, the data path's share when nothing overlaps."""
@@ -343,6 +352,8 @@ def main(argv=None):
         if variant == "compile":
             torch._dynamo.reset()
     release(device)
+    graph = {} if not args.graph else {v: bench_graph(images, aug, args, device, compile=v == "graph_compile")
+                                       for v in ("graph", "graph_compile")[:1 + args.compile]}
     data_s = bench_data_path(images, aug, args, device)
     streaming = bench_streaming(aug, args, device)
     flops = count_flops(images, aug, args, device)
@@ -355,7 +366,7 @@ def main(argv=None):
         quick=args.quick, workers=args.workers, aug_threads=max(1, args.workers) if not cuda else None,
         aug_views_per_s=aug_views, torchvision_views_per_s=tv_views, aug_speedup=aug_views / tv_views,
         torchvision_antialias=True, augment_antialias=False,
-        step_images_per_s=step_ips, end_to_end_variant=home, end_to_end_images_per_s=e2e,
+        step_images_per_s=step_ips, end_to_end_variant=home, end_to_end_images_per_s=e2e, graph_images_per_s=graph,
         data_path_overhead=statistics.median(shares),
         data_path_overhead_repeats=shares, data_path_ms_per_batch=1e3 * data_s,
         data_path_share_alone=data_s / (data_s + args.batch_size / step_ips[home]),
@@ -394,6 +405,8 @@ def print_table(r, args):
     print(f"\nend to end (index, aug, {r['end_to_end_variant']} step, as train.py): {num(r['end_to_end_images_per_s'])} "
           f"images/s; the data path costs {100 * r['data_path_overhead']:.1f}% of each step's time "
           f"(median of {args.repeats} back-to-back pairs)")
+    for v, ips in r["graph_images_per_s"].items():
+        print(f"end to end as one {'CUDA graph' if r['device'] == 'cuda' else 'graph-ready step'} ({v}): {num(ips)} images/s")
     print(f"data path alone (index, aug): {r['data_path_ms_per_batch']:.1f} ms per batch, "
           f"{100 * r['data_path_share_alone']:.1f}% of data path + {r['end_to_end_variant']} step")
     print(f"data path, images/s: in memory {num(r['data_path_images_per_s']['in_memory'])}; streaming from disk "

@@ -105,17 +105,21 @@ def keep_freed_memory():
     libc.mallopt(-1, 512 << 20)   # M_TRIM_THRESHOLD: keep up to 512 MiB of freed heap
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (the paper trains in bfloat16 on TPUs, Appendix C), off elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, enabled=None, graphed=False):
+    """bf16 autocast on CUDA (the paper trains in bfloat16 on TPUs, Appendix C), off elsewhere. Under a
+    CUDA graph the casts of the weights are made afresh at each replay: autocast's cache of them would
+    hold tensors the graph does not own (PyTorch's CUDA graph notes)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None
+                          else enabled, cache_enabled=False if graphed else None)
 
 
-def prepare(model, device, compile=False, channels_last=None, bf16=None, distributed=False):
+def prepare(model, device, compile=False, channels_last=None, bf16=None, distributed=False, graphed=False):
     """Returns forward(view1, view2) running `model` as it should run on `device`: on CUDA with
     channels_last weights and views and bf16 autocast (each can be forced on or off, as bench.py
     does), optionally torch.compile'd; with distributed=True (torchrun), BatchNorm over the global
     batch (sync_batchnorm, in place) and PyTorch's DistributedDataParallel, which averages the
-    gradients of every process before the optimizer step. train.byol_update just calls it."""
+    gradients of every process before the optimizer step; graphed=True for a step replayed as a CUDA
+    graph (StepGraph). train.byol_update just calls it."""
     cuda = device.type == "cuda"
     fmt = torch.channels_last if (cuda if channels_last is None else channels_last) else torch.contiguous_format
     model.to(memory_format=fmt)
@@ -124,7 +128,7 @@ def prepare(model, device, compile=False, channels_last=None, bf16=None, distrib
         sync_batchnorm(model, device)
         net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     net = torch.compile(net) if compile else net
-    precision = autocast(device) if bf16 is None else torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+    precision = autocast(device, bf16, graphed)
 
     def forward(view1, view2):
         with precision:
@@ -191,3 +195,42 @@ class AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
+
+
+class StepGraph:
+    """One training step, step(x, labels, lr, tau), captured once as a CUDA graph and replayed at every
+    call after: the augmentation, both networks' forward and backward passes, LARS, the EMA, the online
+    probe and the monitors' sums become one launch instead of thousands (the step at 32 px is bound by
+    launches: docs/speed.md). A graph reads the memory it was captured with, so its inputs are static
+    buffers: the batch and its labels are copied in, and lr and tau are written into device tensors
+    before each replay (a Python float would be frozen into the graph). The first `warmup` calls run
+    eagerly on a side stream (cuDNN picks its kernels, the optimizers make their state), the next one
+    captures, and every call does one real step. Equal to the eager step: the same ops on the same
+    values (a test compares them on the CPU, where a call runs the step eagerly on the same buffers)."""
+
+    def __init__(self, step, device, warmup=2):
+        self.step, self.device, self.warmup, self.calls, self.graph = step, device, warmup, 0, None
+
+    def __call__(self, x, labels, lr, tau):
+        if self.calls == 0:  # the static buffers, shaped by the first batch
+            self.x, self.labels = torch.empty_like(x), torch.empty_like(labels)
+            self.lr = torch.zeros((), device=self.device)
+            self.tau = torch.zeros((), dtype=torch.float64, device=self.device)  # 1 - tau near 0 keeps its digits
+        self.x.copy_(x, non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        self.lr.fill_(lr)
+        self.tau.fill_(tau)
+        self.calls += 1
+        if self.device.type != "cuda":
+            return self.step(self.x, self.labels, self.lr, self.tau)
+        if self.graph is None and self.calls <= self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.step(self.x, self.labels, self.lr, self.tau)
+            return torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run: the replay below runs this step
+                self.step(self.x, self.labels, self.lr, self.tau)
+        self.graph.replay()

@@ -44,11 +44,12 @@ TYPES = dict(image_size=number(int, 8, 8192), subset=number(int, 1), test_subset
              weight_decay=number(float, 0), momentum=number(float, 0, 1, below=True), eta=number(float, 0, above=True),
              warmup_epochs=number(int, 0, 10**6), tau_base=number(float, 0, 1), log_every=number(int, 1, 10**9),
              knn_every=number(int, 0, 10**6), probe_lr=number(float, 0, above=True), collapse_z_std=number(float, 0),
-             workers=number(int, 0, 256), seed=number(int, 0, 2**32 - 1))
+             workers=number(int, 0, 256), seed=number(int, 0, 2**32 - 1), save_minutes=number(float, 0, 10**6),
+             crop_min_scale=number(float, 0, 1, above=True))
 
 # What a resumed run may change: how it runs and reports, not what its saved state means.
-RESUMABLE = ("epochs", "data", "device", "compile", "log_every", "knn_every", "test_subset", "collapse_z_std",
-             "workers", "stream", "out")
+RESUMABLE = ("epochs", "data", "device", "compile", "cuda_graph", "log_every", "save_minutes", "knn_every",
+             "test_subset", "collapse_z_std", "workers", "stream", "out")
 
 
 def parse(argv, defaults, recipes, doc):
@@ -80,6 +81,9 @@ def configure(argv, defaults, recipes, doc):
     cfg, explicit, resume = parse(argv, defaults, recipes, doc)
     if cfg["stream"] and cfg["minutes"]:
         raise SystemExit("error: --minutes times the in-memory path; with --stream, give --epochs")
+    if cfg["cuda_graph"] and (cfg["stream"] or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        raise SystemExit("error: --cuda-graph captures one process's in-memory step: leave out --stream or "
+                         "torchrun, or leave out --cuda-graph")
     if not resume:
         source = os.path.basename(os.path.normpath(cfg["data"])) if data.is_image_folder(cfg["data"]) \
             else cfg["dataset"]

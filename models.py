@@ -84,8 +84,13 @@ class BYOL(nn.Module):
 
         BatchNorm running statistics are buffers, not parameters, so they are not averaged: each
         network keeps the statistics of its own forward passes. Training uses batch statistics, so
-        they never touch the loss; only the online encoder's are used, at evaluation.
+        they never touch the loss; only the online encoder's are used, at evaluation. tau may be a
+        0-dim tensor on the device (a CUDA graph reads it there); each tensor then takes the same lerp.
         """
         if not hasattr(self, "_ema_pairs"):
             self._ema_pairs = (list(self.target.parameters()), list(self.online.parameters()))
-        torch._foreach_lerp_(*self._ema_pairs, 1.0 - tau)
+        if not torch.is_tensor(tau):
+            return torch._foreach_lerp_(*self._ema_pairs, 1.0 - tau)
+        weight = (1 - tau).float()  # tau in float64: 1 - tau keeps its digits as tau nears 1
+        for xi, theta in zip(*self._ema_pairs):
+            xi.lerp_(theta, weight)

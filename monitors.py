@@ -62,32 +62,36 @@ class Monitor:
         self.probe_optimizer = (torch.optim.SGD(self.probe.parameters(), lr=cfg["probe_lr"], momentum=0.9)
                                 if self.probe else None)
         self.master, self.warned, self.probe_failed = master, False, False
+        self.interval = torch.zeros(4, device=device)  # sum of loss, sum of z_std, max of z_std, steps
+        self.hits = torch.zeros(2, device=device)      # the probe's correct and labelled images
         self.reset()
 
     def reset(self):
-        self.interval = torch.zeros(3, device=self.device)  # sum of loss, sum of z_std, max of z_std
-        self.hits = torch.zeros(2, device=self.device)      # the probe's correct and labelled images
-        self.steps, self.t = 0, time.perf_counter()
+        """Starts the sums again, in place (a CUDA graph holds on to these very tensors)."""
+        self.interval.zero_()
+        self.hits.zero_()
+        self.t = time.perf_counter()
 
     def add(self, loss, y1, z1, labels):
+        """Sums one step's figures on the device; no Python state changes, so a CUDA graph can replay it."""
         s = z_std(z1)
         self.interval[:2] += torch.stack([loss.float(), s])
         torch.maximum(self.interval[2], s, out=self.interval[2])
+        self.interval[3] += 1
         if self.probe is not None:
             self.hits += torch.stack(probe_update(self.probe, self.probe_optimizer, y1, labels))
-        self.steps += 1
 
     def read(self, step, total_steps, stopping=False):
         """The log record of the interval that ends at `step` (one host sync): images/s, the means of
         the loss and z_std, z_std's max; at an epoch's end the probe's accuracy over the epoch; and,
         every --knn-every epochs and at the last step (not when stopping early), the test-split check.
         Warns once when z_std shows a collapse. Starts the next interval."""
-        (loss, s, s_max), (correct, labelled) = self.interval.tolist(), self.hits.tolist()
-        now, steps, per_epoch = time.perf_counter(), self.steps, self.batches.steps_per_epoch
+        (loss, s, s_max, steps), (correct, labelled) = self.interval.tolist(), self.hits.tolist()
+        now, steps, per_epoch = time.perf_counter(), int(steps), self.batches.steps_per_epoch
         out = dict(images_per_s=steps * self.cfg["batch_size"] / (now - self.t), loss=loss / steps,
                    z_std=s / steps, z_std_max=s_max)
         self.interval.zero_()
-        self.steps, self.t = 0, now
+        self.t = now
         if step % per_epoch == 0 or step == total_steps:                 # an epoch's end
             self.check_probe()
             if labelled and not self.probe_failed:
@@ -130,6 +134,10 @@ class Monitor:
                 tqdm.write(f"warning: the online probe diverged (--probe-lr {self.cfg['probe_lr']:g} is too high "
                            f"for it): probe_top1 and probe_test_top1 are left out of the log from here on. "
                            f"BYOL's training is not affected; test.py evaluates the encoder afterwards.")
+
+    def state_tensors(self):
+        """What a step changes here (budget.time_trial puts it back): the probe, its optimizer, the sums."""
+        return self.probe, self.probe_optimizer, self.interval, self.hits
 
     def state_dict(self):
         """The probe and its optimizer, as checkpoints save them (None without a probe)."""

@@ -33,9 +33,10 @@ class LARS(torch.optim.Optimizer):
         trust = eta * ||w|| / ||u||,   v <- m * v + trust * u,   w <- w - lr * v.
 
     Where ||w|| or the gradient's norm is 0, the update is left unscaled (and, clipped, without weight
-    decay, as solo-learn). Groups with lars=False (biases and BatchNorm parameters, Appendix C) skip
-    both the weight decay and the trust ratio: plain SGD with momentum. Every tensor of a group is
-    updated at once with foreach ops, the per-tensor factors staying on the device.
+    decay, as solo-learn). Groups with lars=False skip the trust ratio: SGD with momentum, v <- m v + u
+    (biases and BatchNorm parameters, Appendix C, with no weight decay; every group for --optimizer
+    sgd). Every tensor of a group is updated at once with foreach ops, the per-tensor factors staying on
+    the device. lr may be a float or a 0-dim device tensor (as a CUDA graph reads it: devices.StepGraph).
     """
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=1e-3, clip=True, eps=1e-8):
@@ -55,12 +56,12 @@ class LARS(torch.optim.Optimizer):
             lr, wd, eta = group["lr"], group["weight_decay"], group["eta"]
             torch._foreach_mul_(v, group["momentum"])
             if not group["lars"]:
-                torch._foreach_add_(v, g)                                  # v <- m v + g
-            elif group.get("clip", False):                                # (runs saved before clip existed)
+                torch._foreach_add_(v, torch._foreach_add(g, w, alpha=wd) if wd else g)   # v <- m v + u
+            elif group["clip"]:
                 w_norm, g_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(g))
                 ok = (w_norm > 0) & (g_norm > 0)
                 trust = eta * w_norm / (g_norm + wd * w_norm + group.get("eps", 1e-8))
-                scale = torch.where(ok, torch.clamp(trust / lr, max=1.0) if lr > 0 else 1.0, 1.0)
+                scale = torch.where(ok & (lr > 0), torch.clamp(trust / lr, max=1.0), 1.0)
                 u = torch._foreach_add(g, torch._foreach_mul(w, list((wd * ok).unbind())))  # g + wd w where ok
                 torch._foreach_addcmul_(v, u, list(scale.unbind()))     # v <- m v + min(trust / lr, 1) u
             else:
@@ -68,7 +69,7 @@ class LARS(torch.optim.Optimizer):
                 w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
                 trust = torch.where((w_norm > 0) & (u_norm > 0), eta * w_norm / u_norm, 1.0)
                 torch._foreach_addcmul_(v, u, list(trust.unbind()))     # v <- m v + trust u
-            torch._foreach_add_(w, v, alpha=-lr)                          # w <- w - lr v
+            torch._foreach_sub_(w, torch._foreach_mul(v, lr))            # w <- w - lr v
 
 
 def param_groups(model, weight_decay):
@@ -81,8 +82,8 @@ def param_groups(model, weight_decay):
 
 def make_optimizer(model, cfg):
     """The optimizer of theta (online and predictor): the recipe's LARS, or SGD with momentum (--optimizer
-    sgd); its lr is set at every step (lr_at)."""
+    sgd: the same class with the trust ratio off); its lr is set at every step (lr_at)."""
     groups = param_groups(model, cfg["weight_decay"])
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg["momentum"])
+        groups = [{**group, "lars": False} for group in groups]
     return LARS(groups, lr=0.0, momentum=cfg["momentum"], eta=cfg["eta"], clip=cfg["lars_clip"])

@@ -77,7 +77,8 @@ class Run:
             self.step, seconds = self.restore(self.ckpt)
         if self.world > 1:  # each process draws its own augmentations (the data order is shared: epoch_order)
             torch.manual_seed(self.cfg["seed"] + 1_000_003 * self.step + self.rank)
-        self.saved_step = self.step
+        self.saved_step, self.saved_at = self.step, time.perf_counter()
+        self.monitor.reset()                                            # the sums and the clock start here
         if self.master:
             save_json(self.cfg, os.path.join(self.out, "config.json"))
             self.log_file = open_to_append(os.path.join(self.out, "log.jsonl"))
@@ -116,7 +117,12 @@ class Run:
         self.bar.set_postfix(**self.shown, lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
 
     def save_due(self, step):
-        return self.end_of_epoch(step) or self.stopping
+        """At the last step and on a signal; at an epoch's end once --save-minutes have passed since the
+        last save (0: every epoch), as every process agrees."""
+        if self.stopping or step == self.total_steps:
+            return True
+        waited = time.perf_counter() - self.saved_at >= 60 * self.cfg["save_minutes"]
+        return self.end_of_epoch(step) and any_process(waited, self.world, self.device)
 
     def save(self, step):
         """checkpoint.pt and encoder.pt, when every parameter, BatchNorm statistic and optimizer state is
@@ -126,7 +132,7 @@ class Run:
             raise Diverged
         if self.master:
             self.write(self.out, step, time.perf_counter() - self.t_start)
-        self.saved_step = step
+        self.saved_step, self.saved_at = step, time.perf_counter()
 
     def finite(self):
         """True when the model's parameters and buffers (BatchNorm's running statistics) and the optimizer's
@@ -176,7 +182,7 @@ class Run:
             self.model.online.load_state_dict(ckpt["online"])
             self.model.target.load_state_dict(ckpt["target"])
             self.model.predictor.load_state_dict(ckpt["predictor"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(optimizer_state(ckpt["optimizer"], self.optimizer))
             self.monitor.load_state_dict(ckpt)
             torch.set_rng_state(ckpt["rng"]["cpu"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -241,18 +247,30 @@ class Run:
                 f"{' (or --optimizer sgd)' if self.cfg['optimizer'] == 'lars' else ''}. {kept}")
 
 
+def optimizer_state(saved, optimizer):
+    """A saved optimizer state as this code's optim.LARS loads it. Runs saved before --optimizer sgd ran
+    on LARS hold torch.optim.SGD's (its momentum_buffer is LARS's v, and no group adapts), and runs saved
+    before the clip existed lack it (their config says --no-lars-clip); both resume exactly."""
+    groups = [{**optimizer.defaults, **group, "lars": group.get("lars", False) and now["lars"]}
+              for group, now in zip(saved["param_groups"], optimizer.param_groups)]
+    state = {i: {"v" if k == "momentum_buffer" else k: t for k, t in s.items()} for i, s in saved["state"].items()}
+    return dict(state=state, param_groups=groups)
+
+
 def run_files(out):
     """The files of a run that `out` already holds (links and folders of those names count too)."""
     return [f for f in RUN_FILES if os.path.lexists(os.path.join(out, f))]
 
 
 def check_writable(out):
-    """A clear error, before any work, when the run directory cannot be made and written."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} is a file, not a folder; pass a folder for the run")
+    """A clear error, before any work, when the run directory cannot be made and written: --out (or the
+    nearest of its folders that exists) is a file or a link to nothing, or a folder this user cannot write."""
     parent = os.path.abspath(out)
-    while not os.path.isdir(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        what = "a link to nothing" if os.path.islink(parent) else "a file"
+        raise SystemExit(f"error: --out {out}: {parent} is {what}, not a folder; pass a folder for the run")
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:

@@ -4,9 +4,8 @@
     python train.py --data path/to/train --epochs 3   # any ImageFolder
     python train.py --resume runs/<name>              # continue exactly where it stopped
 
-What a reader of the paper can skip lives in rooms of its own: flags.py (the command line), batches.py
-(what each step reads), devices.py (GPUs and processes), runs.py (the run folder, checkpoints, signals),
-monitors.py (probe, kNN, collapse) and budget.py (--minutes).
+The rest lives in rooms a reader of the paper can skip: flags.py, batches.py (what each step reads),
+devices.py, runs.py (run folder, checkpoints, signals), monitors.py and budget.py (--minutes).
 """
 import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line, not a traceback)
 import torch
@@ -14,7 +13,7 @@ import torch
 from augment import STATS, Augment
 from batches import training_data
 from budget import plan_minutes, time_trial
-from devices import prepare, start_processes
+from devices import StepGraph, prepare, start_processes
 from flags import configure
 from models import BYOL
 from monitors import Monitor
@@ -48,11 +47,14 @@ DEFAULTS = dict(
     tau_base=0.99,         # EMA start, cosine to 1; solo-learn (paper: 0.996 on ImageNet)
     tau_schedule="cosine", # cosine (Sec. 3.3) | constant: tau_base throughout (Table 5a's tau = 0 row)
     blur=None,             # Gaussian blur; None = off at 32 px (solo-learn's CIFAR recipe), on above
+    crop_min_scale=0.08,   # random resized crops cover [0.08, 1] of the image (paper, Appendix B)
     normalize="cifar10",   # the (mean, std) of augment.STATS the views and features are normalised with
     seed=0,
     device=None,           # cuda when available, else cpu
     compile=False,         # torch.compile the model
+    cuda_graph=False,      # replay each step as one CUDA graph (devices.StepGraph); off until measured on a GPU
     log_every=50,          # steps between log.jsonl lines (the only host syncs in the loop)
+    save_minutes=1.0,      # checkpoint at the first epoch end after a minute (0: every epoch), the end, Ctrl-C
     knn_every=10,          # epochs between test-split checks, kNN and online probe (and at the end); 0 = never
     test_subset=None,      # kNN queries: a fixed random subset of this many test images (default: all)
     probe_lr=0.1,          # online linear probe, its own SGD with momentum 0.9; solo-learn's classifier_lr
@@ -63,8 +65,7 @@ DEFAULTS = dict(
     recipe="cifar10",      # cifar10: this block | imagenet: the paper's (IMAGENET below) in its place
 )
 # The paper's own recipe, ImageNet with ResNet-50 (Sec. 3.3, Appendix B and C): --recipe imagenet puts
-# these in place of the values above; flags given on the command line still win. Not run here: see the
-# README ("The paper's ImageNet recipe").
+# these in place of the values above; flags still win. Not run here: docs/scale.md.
 IMAGENET = dict(
     arch="resnet50",       # Sec. 3.3 (74.3% linear top-1, Table 1)
     image_size=224,        # Appendix B: crops resized to 224 x 224
@@ -110,17 +111,20 @@ def main(argv=None):
     batches, test = training_data(cfg, device, rank, world)
 
     # Sec. 3.1: online (f, g), predictor q and target (f, g); precision and memory format decided once.
-    aug = Augment(cfg["image_size"], cfg["blur"], *STATS[cfg["normalize"]])     # Appendix B, Table 6
+    aug = Augment(cfg["image_size"], cfg["blur"], *STATS[cfg["normalize"]], scale=(cfg["crop_min_scale"], 1))
     model = BYOL(cfg["arch"], cfg["image_size"], cfg["hidden_dim"], cfg["proj_dim"], cfg["predictor"],
                  cfg["stem"]).to(device)
-    forward = prepare(model, device, compile=cfg["compile"], distributed=world > 1)
+    forward = prepare(model, device, cfg["compile"], distributed=world > 1, graphed=cfg["cuda_graph"])
     optimizer = make_optimizer(model, cfg)                                       # Sec. 3.3, LARS
     monitor = Monitor(model, batches, test, cfg, device, master=rank == 0)      # outside Algorithm 1
+    # The loop's step below as one callable: what --minutes times, and what --cuda-graph captures.
+    one_step = lambda x, labels, lr, tau: monitor.add(  # noqa: E731
+        *byol_update(model, forward, optimizer, *aug(x), lr, tau), labels)
+    graph = StepGraph(one_step, device) if cfg["cuda_graph"] else None
 
     with Run(cfg, ckpt, model, optimizer, monitor, batches, device, rank, world) as run:
         if cfg["minutes"]:  # time the loop's step (at lr 0), a check and a save here; fit the schedule in
-            trial = lambda x, labels: monitor.add(  # noqa: E731
-                *byol_update(model, forward, optimizer, *aug(x), 0.0, cfg["tau_base"]), labels)
+            trial = lambda x, labels: (graph or one_step)(x, labels, 0.0, cfg["tau_base"])  # noqa: E731
             times = time_trial(trial, batches.random, monitor.check if test else None, run.scratch_save,
                                [model, optimizer, monitor], device)
             cfg["epochs"] = plan_minutes(cfg, batches.steps_per_epoch, times, world, device)
@@ -133,9 +137,12 @@ def main(argv=None):
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)         # Sec. 3.3, cosine lr
             tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3, cosine tau
             x, labels = batches.at(step)                                 # B ~ D (labels: monitors only)
-            view1, view2 = aug(x)                                        # v ~ T(x), v' ~ T'(x)
-            loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
-            monitor.add(loss, y1, z1, labels)                            # probe, z_std: outside Algorithm 1
+            if graph:                                                    # the three lines below, replayed
+                graph(x, labels, lr, tau)
+            else:
+                view1, view2 = aug(x)                                    # v ~ T(x), v' ~ T'(x)
+                loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
+                monitor.add(loss, y1, z1, labels)                        # probe, z_std: outside Algorithm 1
             step += 1
             run.bar.update()
             if run.log_due(step):                                        # the loop's only host syncs

@@ -13,8 +13,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_JPG = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg")
 CLASSES = ("airplane", "automobile", "cat", "ship")
-# A training run small enough for a test: batch 8, 32-wide projector and predictor heads, on the CPU.
-TINY = ["--batch-size", "8", "--hidden-dim", "32", "--proj-dim", "16", "--log-every", "2", "--device", "cpu"]
+# A training run small enough for a test: batch 8, 32-wide projector and predictor heads, on the CPU,
+# a checkpoint after every epoch.
+TINY = ["--batch-size", "8", "--hidden-dim", "32", "--proj-dim", "16", "--log-every", "2", "--device", "cpu",
+        "--save-minutes", "0"]
 
 
 def small_byol(**kw):

@@ -84,20 +84,19 @@ def test_gaussian_blur_matches_torchvision(x, kernel_size):
     torch.testing.assert_close(A.gaussian_blur(x, sigma, kernel_size), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("size", [16, 32, 56])  # down-, mixed-, up-sampling of the crops
-def test_resized_crop_matches_torchvision(x, size, mode):
+def test_resized_crop_matches_torchvision(x, size):
     boxes = A.sample_crop_boxes(len(x), 32, 32, device="cpu")
     boxes[0] = torch.tensor([0, 0, 32, 32])  # whole image
     boxes[1] = torch.tensor([5, 7, 3, 20])  # extreme aspect, touches no border
-    interpolation = TF.InterpolationMode.BICUBIC if mode == "bicubic" else TF.InterpolationMode.BILINEAR
-    ref = torch.stack([TF.resized_crop(img, *b, [size, size], interpolation=interpolation, antialias=False)
+    ref = torch.stack([TF.resized_crop(img, *b, [size, size], interpolation=TF.InterpolationMode.BICUBIC,
+                                       antialias=False)
                        for img, b in zip(x, boxes.tolist())])
     ref = ref.clamp(0, 1)  # the bicubic kernel overshoots; Augment's images stay in [0, 1]
-    torch.testing.assert_close(A.resized_crop(x, boxes, size, mode=mode), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.resized_crop(x, boxes, size), ref, atol=1e-5, rtol=0)
     flip = torch.arange(len(x)) % 2 == 0  # mirrored inside the crop: the same as flipping its output
     flipped = torch.where(flip[:, None, None, None], ref.flip(-1), ref)
-    torch.testing.assert_close(A.resized_crop(x, boxes, size, flip, mode=mode), flipped, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.resized_crop(x, boxes, size, flip), flipped, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
@@ -246,3 +245,12 @@ def test_views_of_ready_crops_only_flip_in_the_crop_step():
     torch.manual_seed(0)
     view1, view2 = aug((crops1, crops2))
     assert view1.shape == view2.shape == (8, 3, 32, 32) and not torch.equal(view1, view2)
+
+
+def test_crops_keep_the_minimum_scale_they_are_given():
+    """--crop-min-scale: every crop of Augment(scale=(s, 1)) covers at least about s of the image."""
+    for low in (0.08, 0.2, 0.5):
+        boxes = A.sample_crop_boxes(4000, 32, 32, scale=(low, 1.0), device="cpu")
+        area = (boxes[:, 2] * boxes[:, 3]).float() / (32 * 32)
+        assert area.min() >= low * 0.85 and area.max() <= 1.0          # (rounding to whole pixels)
+        assert (area < low * 1.5).any()                                    # and it reaches down to it

@@ -17,7 +17,7 @@ from tests.conftest import CIFAR_JPG, ROOT
 
 @pytest.fixture(scope="module")
 def report():
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--graph"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])  # the JSON is the last line of stdout
@@ -35,6 +35,7 @@ def test_fields_are_present_and_consistent(report):
     steps = report["step_images_per_s"]
     assert set(steps) == set(bench.VARIANTS)
     assert steps["bf16"] is None and steps["compile"] is None  # no bf16 on CPU; --quick skips compile
+    assert set(report["graph_images_per_s"]) == {"graph"} and report["graph_images_per_s"]["graph"] > 0  # no compile
     assert all(steps[v] > 0 for v in ("fp32", "channels_last"))
     e2e = report["end_to_end_images_per_s"]
     assert report["end_to_end_variant"] == "fp32" and e2e > 0

@@ -83,3 +83,16 @@ def test_prepare_decides_precision_and_memory_format_once():
     torch.testing.assert_close(loss_cl, loss, atol=1e-4, rtol=0)
     _, y_bf16, _ = prepare(small_byol().train(), torch.device("cpu"), bf16=True)(x1, x2)
     assert y_bf16.dtype == torch.bfloat16
+
+
+def test_the_ema_takes_tau_as_a_device_tensor_and_gives_the_same_target():
+    """tau as a float64 device tensor (a CUDA graph's, devices.StepGraph) moves the target exactly as the
+    float does, also for tau close to 1, where 1 - tau in float32 would lose its digits."""
+    for tau in (0.9, 0.99, 0.999999):
+        a, b = small_byol(), small_byol()
+        for m in (a, b):                                                  # online and target differ
+            torch.manual_seed(1)
+            torch.nn.init.normal_(m.online.projector[0].weight)
+        a.update_target(tau)
+        b.update_target(torch.tensor(tau, dtype=torch.float64))
+        assert all(torch.equal(x, y) for x, y in zip(a.target.parameters(), b.target.parameters())), tau

@@ -110,3 +110,47 @@ def test_lars_modes_differ_where_the_clip_binds():
     trust = 0.02 * 4 / (1e-3 * 4)                                           # ||w|| = 4, ||g|| = 4e-3
     torch.testing.assert_close(steps[True], torch.full((4, 4), 0.1 * 1e-3))
     torch.testing.assert_close(steps[False], torch.full((4, 4), 0.1 * trust * 1e-3))
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_lars_takes_its_lr_as_a_device_tensor_and_gives_the_same_step(clip):
+    """A CUDA graph reads lr from a 0-dim tensor (devices.StepGraph): the same numbers as a Python float,
+    lr 0 included (no step, and no division by it), and a new value at every step."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g) for s in ((8, 4), (16, 3), (8,))]
+    runs = []
+    for as_tensor in (False, True):
+        ps = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = LARS([dict(params=ps[:2], weight_decay=0.1, lars=True), dict(params=ps[2:], weight_decay=0.0,
+                                                                            lars=False)], lr=0.0, eta=0.02, clip=clip)
+        for step, lr in enumerate((0.0, 0.05, 1.0)):
+            for p, s in zip(ps, (1.0, 1e-3, 1.0)):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)) * s
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(lr) if as_tensor else lr
+            opt.step()
+            if step == 0:
+                assert all(torch.equal(p, w) for p, w in zip(ps, start))
+        runs.append([p.detach() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*runs)) and not torch.equal(runs[0][0], start[0])
+
+
+def test_sgd_is_lars_without_the_trust_ratio_and_steps_as_torch_sgd():
+    """--optimizer sgd runs on the LARS class with every group's trust ratio off (so a CUDA graph can read
+    its lr from the device): three steps equal torch.optim.SGD's with momentum and weight decay on the
+    weights (not on biases and BN), the setting it replaced."""
+    torch.manual_seed(0)
+    a, b = small_byol(), small_byol()
+    ours = optim.make_optimizer(a, dict(optimizer="sgd", weight_decay=1e-3, momentum=0.9, eta=0.02, lars_clip=True))
+    theirs = torch.optim.SGD(optim.param_groups(b, 1e-3), lr=0.0, momentum=0.9)
+    assert not any(group["lars"] for group in ours.param_groups)
+    for lr in (0.1, 0.5, 0.2):
+        grads = [torch.randn_like(p) for p in a.parameters() if p.requires_grad]
+        for opt, model in ((ours, a), (theirs, b)):
+            for p, grad in zip([p for p in model.parameters() if p.requires_grad], grads):
+                p.grad = grad.clone()
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)          # (float rounding)

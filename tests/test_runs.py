@@ -207,6 +207,15 @@ def test_bad_numbers_are_usage_errors(flags, capsys):
     assert e.value.code == 2 and flags[0] in capsys.readouterr().err
 
 
+def test_an_out_that_is_a_dangling_link_or_inside_a_file_is_refused_before_any_work(image_root, tmp_path):
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    (tmp_path / "file").write_text("")
+    for out, said in ((tmp_path / "link", "a link to nothing"), (tmp_path / "file" / "run", "is a file")):
+        r = main_of("train.py", "--data", str(image_root / "train"), "--out", str(out), *TINY)
+        assert r.returncode != 0 and said in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "gone")
+
+
 def test_an_out_that_is_a_file_or_read_only_is_refused_before_any_work(image_root, tmp_path):
     (tmp_path / "file").write_text("")
     r = main_of("train.py", "--data", str(image_root / "train"), "--out", str(tmp_path / "file"), *TINY)
@@ -458,3 +467,25 @@ def test_resume_with_other_images_of_the_same_count_is_refused(trained, image_ro
     r = main_of("train.py", "--resume", str(run_dir), "--epochs", "3", "--data", str(shutil.copytree(
         image_root / "train", tmp_path / "moved")))                  # the same images, moved: fine
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_run_saved_with_torch_sgd_resumes_exactly(image_root, tmp_path):
+    """Runs of --optimizer sgd saved before it ran on optim.LARS hold torch.optim.SGD's state
+    (momentum_buffer, SGD's group keys, lars still set on the weights' group): runs.optimizer_state reads
+    it, and the resumed run ends on the weights of the same run resumed from this code's own state."""
+    import shutil
+    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "1", "--knn-every", "0", *TINY,
+            "--optimizer", "sgd", "--base-lr", "0.1"]
+    ours = train.main([*args, "--out", str(tmp_path / "ours")])
+    old = shutil.copytree(ours, tmp_path / "old", ignore=shutil.ignore_patterns("lock"))
+    ckpt = torch.load(old / "checkpoint.pt", weights_only=True)
+    ckpt["optimizer"]["state"] = {i: {"momentum_buffer": s["v"]} for i, s in ckpt["optimizer"]["state"].items()}
+    ckpt["optimizer"]["param_groups"] = [
+        dict(params=g["params"], lr=g["lr"], momentum=0.9, dampening=0, weight_decay=g["weight_decay"],
+             nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None, lars=i == 0)
+        for i, g in enumerate(ckpt["optimizer"]["param_groups"])]
+    torch.save(ckpt, old / "checkpoint.pt")
+    for run_dir in (ours, old):
+        train.main(["--resume", str(run_dir), "--epochs", "2"])
+    a, b = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (ours, old))
+    assert all(torch.equal(v, b["online"][k]) for k, v in a["online"].items())

@@ -206,3 +206,29 @@ def test_imagenet_recipe_streams_normalises_and_evaluates_as_imagenet(image_root
     finally:
         evaluate.features = features
     assert seen and all(s == augment.STATS["imagenet"] for s in seen)
+
+
+def test_cuda_graph_flag_trains_the_same_weights_on_the_cpu(image_root, tmp_path):
+    """--cuda-graph runs the loop's step through devices.StepGraph (on the CPU: eagerly, on its static
+    buffers, with lr and tau as device tensors): the run ends on the very weights of the plain loop."""
+    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "2", "--knn-every", "0", *TINY]
+    plain = train.main([*args, "--out", str(tmp_path / "plain")])
+    graphed = train.main([*args, "--cuda-graph", "--out", str(tmp_path / "graphed")])
+    a, b = (torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True) for out in (plain, graphed))
+    for part in ("online", "target", "predictor", "probe"):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+    assert b["config"]["cuda_graph"] and not a["config"]["cuda_graph"]
+    r = main_of("train.py", *args, "--cuda-graph", "--stream", "--out", str(tmp_path / "stream"))
+    assert r.returncode != 0 and "--cuda-graph" in r.stderr             # a graph needs the batch in memory
+
+
+@pytest.mark.parametrize("save_minutes, saved_at", [("0", [4, 8, 12]), ("1000", [12])])
+def test_checkpoints_follow_save_minutes(image_root, tmp_path, monkeypatch, save_minutes, saved_at):
+    """--save-minutes 0 saves every epoch; a long interval saves at the end only (and on a signal, which the
+    SIGTERM tests cover): 3 epochs of 4 steps."""
+    import runs
+    saved, write = [], runs.Run.write
+    monkeypatch.setattr(runs.Run, "write", lambda self, folder, step, *a: saved.append(step) or write(self, folder, step, *a))
+    train.main(["--data", str(image_root / "train"), "--subset", "32", "--epochs", "3", "--knn-every", "0",
+                "--out", str(tmp_path / "run"), *TINY, "--save-minutes", save_minutes])
+    assert saved == saved_at
