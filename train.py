@@ -147,7 +147,7 @@ def main(argv=None):
             run.bar.update()
             if run.log_due(step):                                        # the loop's only host syncs
                 run.log(step, lr=lr, tau=tau, **monitor.read(step, total_steps, run.stopping))
-            if run.save_due(step):                                       # each epoch's end, and on a signal
+            if run.save_due(step):                                       # --save-minutes, the end, a signal
                 run.save(step)
     return cfg["out"]
 
