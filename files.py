@@ -13,7 +13,7 @@ import time
 import torch
 
 RUNS = "runs"
-UMASK = os.umask(0o022)
+UMASK = os.umask(0o022)  # the process's umask, for save_atomic's files (reading it means setting it)
 os.umask(UMASK)
 
 
