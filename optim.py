@@ -24,19 +24,16 @@ def tau_at(step, total_steps, tau_base, schedule="cosine"):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) in its two BYOL forms. With u = g + wd * w and m the momentum:
+    """LARS (You et al. 2017), tensor by tensor, in its two BYOL forms. With u = g + wd w, momentum m:
 
-    clip=True, solo-learn's CIFAR recipe (solo/utils/lars.py with clip_lars_lr, the default here):
-        trust = eta * ||w|| / (||g|| + wd * ||w|| + eps),   v <- m * v + min(trust / lr, 1) * u,
-        w <- w - lr * v,   so each tensor steps by min(trust, lr) times its update.
-    clip=False, the paper's (Appendix C; DeepMind's byol/utils/optimizers.py), --no-lars-clip:
-        trust = eta * ||w|| / ||u||,   v <- m * v + trust * u,   w <- w - lr * v.
-
-    Where ||w|| or the gradient's norm is 0, the update is left unscaled (and, clipped, without weight
-    decay, as solo-learn). Groups with lars=False skip the trust ratio: SGD with momentum, v <- m v + u
-    (biases and BatchNorm parameters, Appendix C, with no weight decay; every group for --optimizer
-    sgd). Every tensor of a group is updated at once with foreach ops, the per-tensor factors staying on
-    the device. lr may be a float or a 0-dim device tensor (as a CUDA graph reads it: devices.StepGraph).
+    clip=True, solo-learn's CIFAR recipe (its solo/utils/lars.py with clip_lr; the default here):
+        trust = eta ||w|| / (||g|| + wd ||w|| + eps),   v <- m v + min(trust / lr, 1) u,   w <- w - lr v
+    clip=False, DeepMind's byol code (byol/utils/optimizers.py; the paper names LARS only), --no-lars-clip:
+        trust = eta ||w|| / ||u||,   v <- m v + trust u,   w <- w - lr v
+    Where ||w|| or the gradient's norm is 0, u is left unscaled (and, clipped, without weight decay, as
+    solo-learn). Groups with lars=False are SGD with momentum, v <- m v + u: biases and BatchNorm (no
+    weight decay either), and every group for --optimizer sgd. lr may be a float or a 0-dim device
+    tensor (a CUDA graph reads it there: devices.StepGraph), so no branch reads a tensor's value.
     """
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=1e-3, clip=True, eps=1e-8):
@@ -46,30 +43,22 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            w = [p for p in group["params"] if p.grad is not None]
-            if not w:
-                continue
-            for p in w:
-                if "v" not in self.state[p]:
-                    self.state[p]["v"] = torch.zeros_like(p)
-            v, g = [self.state[p]["v"] for p in w], [p.grad for p in w]
             lr, wd, eta = group["lr"], group["weight_decay"], group["eta"]
-            torch._foreach_mul_(v, group["momentum"])
-            if not group["lars"]:
-                torch._foreach_add_(v, torch._foreach_add(g, w, alpha=wd) if wd else g)   # v <- m v + u
-            elif group["clip"]:
-                w_norm, g_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(g))
-                ok = (w_norm > 0) & (g_norm > 0)
-                trust = eta * w_norm / (g_norm + wd * w_norm + group.get("eps", 1e-8))
-                scale = torch.where(ok & (lr > 0), torch.clamp(trust / lr, max=1.0), 1.0)
-                u = torch._foreach_add(g, torch._foreach_mul(w, list((wd * ok).unbind())))  # g + wd w where ok
-                torch._foreach_addcmul_(v, u, list(scale.unbind()))     # v <- m v + min(trust / lr, 1) u
-            else:
-                u = torch._foreach_add(g, w, alpha=wd)
-                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
-                trust = torch.where((w_norm > 0) & (u_norm > 0), eta * w_norm / u_norm, 1.0)
-                torch._foreach_addcmul_(v, u, list(trust.unbind()))     # v <- m v + trust u
-            torch._foreach_sub_(w, torch._foreach_mul(v, lr))            # w <- w - lr v
+            for w in [p for p in group["params"] if p.grad is not None]:
+                if "v" not in self.state[w]:
+                    self.state[w]["v"] = torch.zeros_like(w)                 # the momentum buffer
+                g, v = w.grad, self.state[w]["v"]
+                u = g + wd * w                                               # the update, weight decay in
+                if group["lars"] and group["clip"]:                          # solo-learn's
+                    w_norm, g_norm = w.norm(), g.norm()
+                    ok = (w_norm > 0) & (g_norm > 0)
+                    trust = eta * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    u = torch.where(ok, u, g) * torch.where(ok & (lr > 0), torch.clamp(trust / lr, max=1.0), 1.0)
+                elif group["lars"]:                                          # DeepMind's
+                    w_norm, u_norm = w.norm(), u.norm()
+                    u = u * torch.where((w_norm > 0) & (u_norm > 0), eta * w_norm / u_norm, 1.0)
+                v.mul_(group["momentum"]).add_(u)                       # v <- m v + u
+                w.sub_(lr * v)                                          # w <- w - lr v
 
 
 def param_groups(model, weight_decay):

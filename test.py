@@ -11,7 +11,7 @@ The encoder is frozen in eval mode; its features are computed once and a linear 
 trained on them (seconds). --augment trains the classifier on random crops and flips instead.
 The last line printed is one JSON object, also saved as eval.json in the run directory.
 """
-import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
+from machinery import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import argparse
 import copy
 import json
@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
 from augment import STATS, crop_flip
-from evaluation import features, knn_accuracy
-from devices import autocast, pick_device
-from files import cache_dir, load_weights, quote, read_config, read_log, remove_temporaries, save_json
-from flags import number
 from models import ARCHS, STEMS, resnet
-from runs import cli, newest_run
+from machinery import data
+from machinery.devices import autocast, pick_device
+from machinery.evaluation import features, knn_accuracy
+from machinery.files import cache_dir, load_weights, quote, read_config, read_log, remove_temporaries, save_json
+from machinery.flags import number
+from machinery.runs import cli, newest_run
 
 # Published CIFAR-10 results of BYOL with a ResNet-18 (the paper reports ImageNet only), for the
 # comparison printed after a CIFAR-10 resnet18 evaluation: (value, what and where).
@@ -285,7 +285,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.plot:
-        from plots import draw_curves  # the one home of README.assets/ drawing
+        from tools.plots import draw_curves  # the one home of README.assets/ drawing
         print(f"wrote {draw_curves(args.run or newest_run())}")
         return None
     device = pick_device(args.device)                        # before anything slow: --device foo fails at once

@@ -4,21 +4,23 @@
     python train.py --data path/to/train --epochs 3   # any ImageFolder
     python train.py --resume runs/<name>              # continue exactly where it stopped
 
-The rest lives in rooms a reader of the paper can skip: flags.py, batches.py (what each step reads),
-devices.py, runs.py (run folder, checkpoints, signals), monitors.py and budget.py (--minutes).
+The rest lives in machinery/, which a reader of the paper can skip: flags (the command line), batches
+(what each step reads), devices, runs (run folder, checkpoints, signals), monitors, budget (--minutes).
 """
-import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line, not a traceback)
+from machinery import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line, not a traceback)
+from functools import partial
+
 import torch
 
 from augment import STATS, Augment
-from batches import training_data
-from budget import plan_minutes, time_trial
-from devices import StepGraph, prepare, start_processes
-from flags import configure
 from models import BYOL
-from monitors import Monitor
 from optim import lr_at, make_optimizer, tau_at
-from runs import Run, cli
+from machinery.batches import training_data
+from machinery.budget import plan_minutes, time_trial
+from machinery.devices import StepGraph, prepare, start_processes
+from machinery.flags import configure
+from machinery.monitors import Monitor
+from machinery.runs import Run, cli
 
 # ----------------------------------------------------------------------------------------------
 # The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
@@ -102,6 +104,13 @@ def byol_update(model, forward, optimizer, view1, view2, lr, tau):
     return loss.detach(), y1, z1
 
 
+def byol_step(aug, model, forward, optimizer, monitor, x, labels, lr, tau):
+    """The loop's step on a batch x: the two views, byol_update, and the monitors' sums on the device."""
+    view1, view2 = aug(x)                                                # v ~ T(x), v' ~ T'(x)
+    loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
+    monitor.add(loss, y1, z1, labels)                                    # probe, z_std: outside Algorithm 1
+
+
 def main(argv=None):
     cfg, ckpt = configure(argv, DEFAULTS, RECIPES, __doc__)           # the flags; a resumed run's own recipe
     device, rank, world = start_processes(cfg["device"])             # torchrun: one process per GPU
@@ -117,38 +126,31 @@ def main(argv=None):
     forward = prepare(model, device, cfg["compile"], distributed=world > 1, graphed=cfg["cuda_graph"])
     optimizer = make_optimizer(model, cfg)                                       # Sec. 3.3, LARS
     monitor = Monitor(model, batches, test, cfg, device, master=rank == 0)      # outside Algorithm 1
-    # The loop's step below as one callable: what --minutes times, and what --cuda-graph captures.
-    one_step = lambda x, labels, lr, tau: monitor.add(  # noqa: E731
-        *byol_update(model, forward, optimizer, *aug(x), lr, tau), labels)
-    graph = StepGraph(one_step, device) if cfg["cuda_graph"] else None
+    train_step = partial(byol_step, aug, model, forward, optimizer, monitor)    # train_step(x, labels, lr, tau)
+    if cfg["cuda_graph"]:
+        train_step = StepGraph(train_step, device)                     # the same step, replayed as one CUDA graph
 
     with Run(cfg, ckpt, model, optimizer, monitor, batches, device, rank, world) as run:
-        if cfg["minutes"]:  # time the loop's step (at lr 0), a check and a save here; fit the schedule in
-            trial = lambda x, labels: (graph or one_step)(x, labels, 0.0, cfg["tau_base"])  # noqa: E731
-            times = time_trial(trial, batches.random, monitor.check if test else None, run.scratch_save,
+        if cfg["minutes"]:  # time train_step, a test-split check and a save here; fit the schedule in
+            times = time_trial(train_step, batches.random, monitor.check if test else None, run.scratch_save,
                                [model, optimizer, monitor], device)
             cfg["epochs"] = plan_minutes(cfg, batches.steps_per_epoch, times, world, device)
         # Sec. 3.3: one step per batch, lr scaled linearly with the batch, warm-up capped at a tenth of the run.
         total_steps = cfg["epochs"] * batches.steps_per_epoch
         warmup_steps = min(cfg["warmup_epochs"] * batches.steps_per_epoch, total_steps // 10)
         peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256
-        step = run.begin(total_steps)                                    # restores a checkpoint: exact resume
-        while step < total_steps and not run.stopping:                   # Algorithm 1, step k
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr)         # Sec. 3.3, cosine lr
-            tau = tau_at(step, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3, cosine tau
-            x, labels = batches.at(step)                                 # B ~ D (labels: monitors only)
-            if graph:                                                    # the three lines below, replayed
-                graph(x, labels, lr, tau)
-            else:
-                view1, view2 = aug(x)                                    # v ~ T(x), v' ~ T'(x)
-                loss, y1, z1 = byol_update(model, forward, optimizer, view1, view2, lr, tau)
-                monitor.add(loss, y1, z1, labels)                        # probe, z_std: outside Algorithm 1
-            step += 1
+        k = run.begin(total_steps)                                       # restores a checkpoint: exact resume
+        while k < total_steps and not run.stopping:                      # Algorithm 1, step k
+            lr = lr_at(k, total_steps, warmup_steps, peak_lr)            # Sec. 3.3, cosine lr
+            tau = tau_at(k, total_steps, cfg["tau_base"], cfg["tau_schedule"])  # Sec. 3.3, cosine tau
+            x, labels = batches.at(k)                                    # B ~ D (labels: monitors only)
+            train_step(x, labels, lr, tau)                               # views, loss, theta's step, xi's EMA
+            k += 1
             run.bar.update()
-            if run.log_due(step):                                        # the loop's only host syncs
-                run.log(step, lr=lr, tau=tau, **monitor.read(step, total_steps, run.stopping))
-            if run.save_due(step):                                       # --save-minutes, the end, a signal
-                run.save(step)
+            if run.log_due(k):                                           # the loop's only host syncs
+                run.log(k, lr=lr, tau=tau, **monitor.read(k, total_steps, run.stopping))
+            if run.save_due(k):                                          # --save-minutes, the end, a signal
+                run.save(k)
     return cfg["out"]
 
 

@@ -38,7 +38,7 @@ def main_of(script, *args):
     import contextlib
     import importlib
     import io
-    from runs import cli
+    from machinery.runs import cli
     module, out, err, code = importlib.import_module(script[:-len(".py")]), io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

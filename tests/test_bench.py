@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
 from models import resnet
+from tools import bench
 from tests.conftest import CIFAR_JPG, ROOT
 
 
 @pytest.fixture(scope="module")
 def report():
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--graph"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--device", "cpu", "--graph"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])  # the JSON is the last line of stdout

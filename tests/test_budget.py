@@ -1,5 +1,5 @@
 """budget.py: how many epochs --minutes plans from the measured step, check and save times."""
-from budget import fit_epochs
+from machinery.budget import fit_epochs
 
 
 def test_fit_epochs_fills_the_budget_with_checks_and_checkpoints():
@@ -16,7 +16,7 @@ def test_the_time_trial_puts_every_tensor_back_in_place():
     captured during the trial still reads them), with their old values; optimizer state the trial made is
     zero, which LARS and SGD read as no state at all; and the RNG is where it was."""
     import torch
-    from budget import time_trial
+    from machinery.budget import time_trial
     from optim import make_optimizer
     from tests.conftest import small_byol
     from train import DEFAULTS, byol_update
@@ -25,7 +25,7 @@ def test_the_time_trial_puts_every_tensor_back_in_place():
     params, before = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
 
-    def step(x, labels):
+    def step(x, labels, lr, tau):
         byol_update(model, model, optimizer, x, x.flip(-1), 0.5, 0.9)
     draw = lambda: (torch.randn(4, 3, 32, 32), None)  # noqa: E731
     seconds, check_s, save_s = time_trial(step, draw, None, None, [model, optimizer], torch.device("cpu"))

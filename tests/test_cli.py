@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-import bench
-import plots
+from tools import bench
+from tools import plots
 import test as evaluate
 import train
-from runs import cli
+from machinery.runs import cli
 from tests.conftest import ROOT, TINY
 
 NUMBERS = ["0", "-1", "-2.5", "nan", "inf", "-inf", "1e308", "10000000000000"]
@@ -143,7 +143,8 @@ def test_fuzz_bench_command_line(image_root, tmp_path, paths, capsys, monkeypatc
 def test_a_bad_draw_on_the_real_command_line_is_one_message(script, args, trained, image_root):
     """One draw per script as a user types it: a subprocess, through its __main__ and runs.cli."""
     args = [{"DATA": str(image_root / "train"), "RUN": trained}.get(a, a) for a in args]
-    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    path = script if script in ("train.py", "test.py") else os.path.join("tools", script)
+    r = subprocess.run([sys.executable, path, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "error" in r.stderr, (args, r.stderr[-2000:])
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from machinery import data
 from tests.conftest import main_of
 
 
@@ -348,7 +348,7 @@ def test_fuzz_the_image_folder_loader(image_root, tmp_path):
 
 def test_a_cache_that_cannot_be_written_costs_time_not_the_run(image_root, tmp_path, capsys):
     """sysfs takes no new folders, not even from root: the images still load, with a note."""
-    import data
+    from machinery import data
     images, labels = data.load(str(image_root / "train"), subset=4, cache="/sys/byol-cache")
     assert images.shape == (4, 3, 32, 32) and len(labels) == 4
     assert "not cached" in capsys.readouterr().err
@@ -385,7 +385,7 @@ def test_streaming_views_follow_the_in_memory_views_distributions(image_root):
 def test_a_stream_worker_error_reaches_the_user_as_our_message_alone(image_root, tmp_path):
     """DataLoader re-raises a worker's DataError with the worker's traceback as its message; the user must
     read what a reader in this process would have raised: one paragraph naming the file."""
-    import batches
+    from machinery import batches
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     stream = data.StreamingFolder(data.folder_files(str(image_root / "train"))[:3] + [(str(bad), 0)], 8)

@@ -1,16 +1,17 @@
 """devices.py: the step that a CUDA graph replays (StepGraph), checked on the CPU, where a call runs the
 same step eagerly on the graph's static buffers with lr and tau as device tensors."""
 import copy
+from functools import partial
 
 import pytest
 import torch
 
 from augment import Augment
-from devices import StepGraph
-from monitors import Monitor
 from optim import make_optimizer
+from machinery.devices import StepGraph
+from machinery.monitors import Monitor
 from tests.conftest import small_byol
-from train import DEFAULTS, byol_update
+from train import DEFAULTS, byol_step
 
 
 class _Batches:
@@ -22,11 +23,7 @@ def _setup():
     model = small_byol()
     optimizer = make_optimizer(model, DEFAULTS)
     monitor = Monitor(model, _Batches(), None, {**DEFAULTS, "proj_dim": 16}, torch.device("cpu"))
-    aug = Augment(32)
-
-    def one_step(x, labels, lr, tau):
-        monitor.add(*byol_update(model, model, optimizer, *aug(x), lr, tau), labels)
-    return model, optimizer, monitor, one_step
+    return model, optimizer, monitor, partial(byol_step, Augment(32), model, model, optimizer, monitor)
 
 
 def _state(model, optimizer, monitor):
@@ -69,12 +66,12 @@ def test_the_graph_ready_step_equals_the_loops_step_and_takes_each_lr_and_tau():
 
 
 def test_the_gpu_graph_check_holds_for_the_graph_ready_step_on_the_cpu():
-    """experiments/graph_check.py, the checks a GPU lease runs before timing the CUDA graph, run here on
+    """tools/graph_check.py, the checks a GPU lease runs before timing the CUDA graph, run here on
     the graph-ready step: each holds (a broken check, or a broken step, would show here first)."""
     import importlib.util
     import os
     from tests.conftest import ROOT
-    spec = importlib.util.spec_from_file_location("graph_check", os.path.join(ROOT, "experiments", "graph_check.py"))
+    spec = importlib.util.spec_from_file_location("graph_check", os.path.join(ROOT, "tools", "graph_check.py"))
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
     results = check.main(["--device", "cpu", "--batch-size", "8", "--hidden-dim", "32"])

@@ -7,10 +7,10 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from batches import epoch_order
-from devices import prepare
 from optim import make_optimizer
 from train import DEFAULTS, byol_update
+from machinery.batches import epoch_order
+from machinery.devices import prepare
 from tests.conftest import ROOT, TINY, small_byol
 
 STEPS, BATCH = 3, 8

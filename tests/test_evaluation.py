@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from evaluation import knn_accuracy
+from machinery.evaluation import knn_accuracy
 
 
 def test_knn_on_clusters_is_exact_and_uses_cosine_similarity():

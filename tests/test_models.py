@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from devices import prepare
 from models import resnet
+from machinery.devices import prepare
 from tests.conftest import small_byol
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import monitors
-import train
 from models import BYOL
-from monitors import Monitor, collapse_warning, probe_update, z_std
+import train
+from machinery import monitors
+from machinery.monitors import Monitor, collapse_warning, probe_update, z_std
 from tests.conftest import small_byol
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import optim
 from optim import LARS, lr_at, param_groups, tau_at
+import optim
 from tests.conftest import small_byol
 
 

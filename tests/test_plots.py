@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import plots
+from tools import plots
 import test as evaluate
 from tests.conftest import ROOT
 
@@ -95,6 +95,6 @@ def test_curves_draw_only_the_values_that_are_numbers(tmp_path, monkeypatch):
 def test_plots_on_the_command_line_gives_no_traceback_for_a_damaged_config(tmp_path):
     run = _log(str(tmp_path / "run"))
     (tmp_path / "run" / "config.json").write_text('{"proj_dim": 2')
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "plots.py"), "curves", run, "--out",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plots.py"), "curves", run, "--out",
                         str(tmp_path / "c.png")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "config.json" in r.stderr, r.stderr[-2000:]

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-import devices
-import files
-import runs
 import train
+from machinery import devices
+from machinery import files
+from machinery import runs
 from tests.conftest import ROOT, TINY, main_of
 
 
@@ -94,15 +94,15 @@ def test_a_second_writer_is_refused_and_a_dead_one_holds_no_lock(trained, tmp_pa
     import subprocess
     import sys
     run_dir = _copy_run(trained, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", f"import runs, time; f = runs.lock({str(run_dir)!r}); "
-                               f"print('locked', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from machinery import runs; "
+                               f"f = runs.lock({str(run_dir)!r}); print('locked', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)
     assert holder.stdout.readline().strip() == "locked"
     r = main_of("train.py", "--resume", str(run_dir), "--epochs", "3")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "in use" in r.stderr
     holder.kill()                                               # kill -9: the OS frees the lock
     holder.wait()
-    import runs
+    from machinery import runs
     runs.lock(str(run_dir)).close()
 
 
@@ -340,7 +340,7 @@ def test_huge_numbers_are_usage_errors_not_hangs_or_exhausted_memory(flags, caps
 
 
 def test_a_long_budget_is_planned_at_once():
-    from budget import fit_epochs
+    from machinery.budget import fit_epochs
     epochs, seconds = fit_epochs(10**6, 195, 0, 1e-9, 0.0, 0.0)   # a million minutes of 1 ns steps: 3e14 epochs
     assert epochs == int(6e7 / (195 * 1e-9)) and seconds <= 6e7
 
@@ -359,7 +359,7 @@ def test_a_write_that_fails_inside_torch_save_names_its_cause(trained, tmp_path)
     before = (run_dir / "checkpoint.pt").read_bytes()
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); sys.argv = ['train.py', '--resume', "
-            f"{str(run_dir)!r}, '--epochs', '3']; import runs, train; runs.cli(train.main)")
+            f"{str(run_dir)!r}, '--epochs', '3']; from machinery import runs; import train; runs.cli(train.main)")
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import test as evaluate
-from files import UserError
+from machinery.files import UserError
 from tests.conftest import ROOT, main_of, run
 
 
@@ -357,14 +357,14 @@ class _Args:
 
 
 def test_side_by_side_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
-    """experiments/side_by_side.py used torch.load itself: a refused pickle was a traceback. It now loads
+    """tools/side_by_side.py used torch.load itself: a refused pickle was a traceback. It now loads
     through files.load_weights: a clear message, and the code does not run."""
-    from experiments import side_by_side
+    from tools import side_by_side
     marker = tmp_path / "ran"
     os.makedirs(tmp_path / "arm")
     torch.save({"epoch": _Pickled(str(marker))}, tmp_path / "arm" / "checkpoint.pt")
     with pytest.raises(SystemExit, match="refused to load"):
         side_by_side.run_ours(_Args(), 0, str(tmp_path / "arm"))
     assert not marker.exists()
-    r = run("experiments/side_by_side.py", "--data", "anything", "--out", str(tmp_path / "none"), "--plot", "x.png")
+    r = run("tools/side_by_side.py", "--data", "anything", "--out", str(tmp_path / "none"), "--plot", "x.png")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "results.jsonl" in r.stderr, r.stderr[-2000:]

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torchvision
 
-import data
+from machinery import data
 import test as evaluate
-import train
-from evaluation import features
 from models import resnet
+import train
+from machinery.evaluation import features
 from tests.conftest import TINY, main_of
 
 
@@ -226,7 +226,7 @@ def test_cuda_graph_flag_trains_the_same_weights_on_the_cpu(image_root, tmp_path
 def test_checkpoints_follow_save_minutes(image_root, tmp_path, monkeypatch, save_minutes, saved_at):
     """--save-minutes 0 saves every epoch; a long interval saves at the end only (and on a signal, which the
     SIGTERM tests cover): 3 epochs of 4 steps."""
-    import runs
+    from machinery import runs
     saved, write = [], runs.Run.write
     monkeypatch.setattr(runs.Run, "write", lambda self, folder, step, *a: saved.append(step) or write(self, folder, step, *a))
     train.main(["--data", str(image_root / "train"), "--subset", "32", "--epochs", "3", "--knn-every", "0",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import STATS
-from evaluation import features, knn_accuracy
+from machinery.evaluation import features, knn_accuracy
 
 
 def z_std(z):

@@ -4,13 +4,13 @@ import time
 
 import torch
 
-from devices import same_everywhere, synchronize
+from machinery.devices import same_everywhere, synchronize
 
 
 def time_trial(step, draw, check, save, state, device):
-    """Seconds per call of step(*draw()) (after three warm-up calls, so after compiling or capturing a
-    CUDA graph; at least three calls and a second), of check() and of save(), either of which may be
-    None (0 s). step is the training loop's own step, passed in. Every tensor of `state` (state_tensors)
+    """Seconds per call of step(x, labels, lr, tau) on (x, labels) = draw(), at lr 0 and tau 1 (after three
+    warm-up calls, so after compiling or capturing a CUDA graph; at least three calls and a second), of
+    check() and of save(), either of which may be None (0 s). step is the training loop's own step. Every tensor of `state` (state_tensors)
     is then put back in place, exactly as it was, and so is the RNG: the trial leaves no trace, and a
     graph captured during it still holds the very tensors the loop uses."""
     before = {id(t): t.detach().clone() for t in state_tensors(*state)}
@@ -23,10 +23,10 @@ def time_trial(step, draw, check, save, state, device):
         synchronize(device)
         return time.perf_counter() - t0
     for _ in range(3):
-        step(*draw())
+        step(*draw(), 0.0, 1.0)
     steps, elapsed = 0, 0.0
     while steps < 3 or elapsed < 1.0:
-        elapsed, steps = elapsed + seconds(lambda: step(*draw())), steps + 1
+        elapsed, steps = elapsed + seconds(lambda: step(*draw(), 0.0, 1.0)), steps + 1
     check_s, save_s = (seconds(fn) if fn else 0.0 for fn in (check, save))
     with torch.no_grad():
         for t in state_tensors(*state):

@@ -1,9 +1,8 @@
 """How fast is this BYOL? Augmentation, the training step and both together, on one machine and data.
 
-    python bench.py --device cuda              # GPU: batch 256, bf16 autocast + channels_last as train.py
-    python bench.py --device cuda --compile --graph   # adds the compiled step, the step as one CUDA graph
-    python bench.py --device cpu               # CPU: batch 64 (a few minutes on 2 cores)
-    python bench.py --device cpu --quick       # every field in under 30 s, for tests and smoke runs
+    python tools/bench.py --device cuda            # GPU: batch 256, bf16 autocast + channels_last as train.py
+    python tools/bench.py --device cuda --compile --graph   # + the compiled step, the step as one CUDA graph
+    python tools/bench.py --device cpu             # CPU: batch 64 (a minute on 2 cores); --quick: seconds
 
 It prints a table, then one JSON line (the last line of stdout) with the same numbers:
 
@@ -21,16 +20,20 @@ It prints a table, then one JSON line (the last line of stdout) with the same nu
    and data_path_share_alone, its share of data path + step (what the CPU's noise hides otherwise).
    With --graph, also the whole loop body replayed as one CUDA graph (devices.StepGraph), and with
    --compile that over the compiled model: graph_images_per_s (on the CPU: the graph-ready step, eager).
-4. FLOPs per image of one step (flop_counter; a multiply-add = 2), TFLOP/s per variant and, on CUDA, the
-   share of the dense bf16 peak (--peak-tflops). 5. Peak memory: CUDA's per variant, or the max RSS.
-6. The data path in images/s on the same --images files: in memory (index, aug) and train.py --stream's
-   (--workers DataLoader workers decode and crop, aug on the device), the median of --repeats epochs.
+4. FLOPs per image of one step (a multiply-add = 2), TFLOP/s per variant and, on CUDA, the share of the
+   dense bf16 peak (--peak-tflops). 5. Peak memory: CUDA's per variant, or the max RSS. 6. The data path
+   in images/s on the same --images files: in memory (index, aug) and --stream's (--workers DataLoader
+   workers decode and crop, aug on the device), the median of --repeats epochs.
 """
-import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project's own modules, whatever the working folder
+from machinery import startup  # noqa: F401  (before torch: Ctrl-C while torch loads is one line)
 import argparse
 import gc
 import json
-import os
 import platform
 import resource
 import statistics
@@ -42,17 +45,16 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import augment
-import data
-import train
-from batches import stream_batches
-from devices import StepGraph, host_memory_available, pick_device, prepare
-from files import cache_dir
-from flags import number
 from models import ARCHS, BYOL
 from optim import make_optimizer
-from runs import cli
+import train
+from machinery import data
+from machinery.batches import stream_batches
+from machinery.devices import StepGraph, host_memory_available, pick_device, prepare, synchronize
+from machinery.files import cache_dir
+from machinery.flags import number
+from machinery.runs import cli
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("fp32", "channels_last", "bf16", "compile")
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; first match wins.
 PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "RTX A6000": 155, "4090": 165}
@@ -149,8 +151,8 @@ def timed(fns, device, warmup, steps, repeats):
 
 def torchvision_view(recipe, image_size, blur, kernel_size):
     """One view of the usual per-image pipeline on a PIL image, with augment.py's probabilities."""
-    ops = [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                antialias=True),  # PIL always antialiases
+    ops = [v2.RandomResizedCrop(image_size, recipe["crop_scale"], recipe["crop_ratio"],
+                                v2.InterpolationMode.BICUBIC, antialias=True),  # PIL always antialiases
            v2.RandomHorizontalFlip(recipe["flip"]),
            v2.RandomApply([v2.ColorJitter(**augment.JITTER)], p=recipe["jitter"]),
            v2.RandomGrayscale(recipe["gray"])]
@@ -205,14 +207,14 @@ def bench_augment(images, aug, args, device):
 
 # ---- 2-4. the training step ----------------------------------------------------------------------
 
-def build(variant, args, device):
+def build(variant, args, device, graphed=False):
     """(model, forward, optimizer) for one variant, fresh; devices.prepare sets its precision and
     memory format as train.py does, except that fp32 and channels_last force autocast off."""
     model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"]).to(device)
     if variant in ("fp32", "channels_last"):
         forward = prepare(model, device, channels_last=variant == "channels_last", bf16=False)
     else:
-        forward = prepare(model, device, compile=variant == "compile")
+        forward = prepare(model, device, compile=variant == "compile", graphed=graphed)
     return model, forward, make_optimizer(model, train.DEFAULTS)
 
 
@@ -252,8 +254,7 @@ def bench_graph(images, aug, args, device, compile=False):
     """images/s of train.py's loop body (index a batch, aug(x), byol_update) replayed as one CUDA graph
     (devices.StepGraph, train.py --cuda-graph), over a compiled model if asked; on the CPU the same
     graph-ready step runs eagerly on the graph's buffers."""
-    model = BYOL(args.arch, args.image_size, args.hidden_dim, train.DEFAULTS["proj_dim"]).to(device)
-    forward, optimizer = prepare(model, device, compile=compile, graphed=True), make_optimizer(model, train.DEFAULTS)
+    model, forward, optimizer = build("compile" if compile else "bf16", args, device, graphed=True)
     graph = StepGraph(lambda x, _, lr, tau: train.byol_update(model, forward, optimizer, *aug(x), lr, tau), device)
     perm, B = torch.randperm(len(images), device=device), args.batch_size
 
@@ -283,14 +284,13 @@ def bench_streaming(aug, args, device):
     n = len(data.folder_files(args.data))
     files = data.folder_files(args.data, subset=min(args.images, n))
     dataset, cfg = data.StreamingFolder(files, args.image_size), dict(batch_size=args.batch_size, workers=args.workers)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(args.repeats):
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         for crops in stream_batches(dataset, torch.randperm(len(files)), 0, cfg, 0, 1, device):
             aug(crops)
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return len(files) // args.batch_size * args.batch_size / statistics.median(times)
 

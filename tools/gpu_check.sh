@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The GPU measurements, one prepared call per mode, each under the device tool's 10 minutes a call, every
 # stage under its own time limit (a stage that fails or runs out lets the next run), the summary last.
-#   ./gpu_check.sh speed      # call 1 (about 7 min): the CUDA graph's checks, then bench.py at batch 256, 512
+#   tools/gpu_check.sh speed      # call 1 (about 7 min): the CUDA graph's checks, then bench.py at batch 256, 512
 #                             # and 1024 (eager, graph), with cudnn.benchmark, with compile; one minute of
 #                             # train.py --cuda-graph for the whole epoch (checkpoint and kNN check included)
-#   ./gpu_check.sh schedule   # call 2 (about 9 min): the short-budget comparison, one minute of training
+#   tools/gpu_check.sh schedule   # call 2 (about 9 min): the short-budget comparison, one minute of training
 #                             # each (--minutes 1 --cuda-graph), scored by the kNN and online probe at the end
-#   ./gpu_check.sh headline   # a later lease: --minutes 8 --cuda-graph, then test.py (about 9.5 min)
+#   tools/gpu_check.sh headline   # a later lease: --minutes 8 --cuda-graph, then test.py (about 9.5 min)
 # The files land in $OUT (default gpu-out/): gpu.txt (GPU, driver, versions), one .txt per stage (the last
 # line of a bench or check is its JSON), and for a training run its log.jsonl, config.json and eval.json.
 # For a machine with no network, prepare here first, then run it there with .carry carried:
 #   mkdir -p .carry && tar -czf .carry/cifar10-jpg.tgz -C path/to/parent-of cifar10-jpg
 set -uo pipefail
-cd "$(dirname "$0")"
+case ${1:-} in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac  # this header
+cd "$(dirname "$0")/.."  # the project root
 export PYTHONUNBUFFERED=1  # a stage killed at its limit still leaves its output
 MODE=${1:-speed}
 OUT=${OUT:-gpu-out}
@@ -38,13 +39,13 @@ train_run() {  # name, seconds, train.py flags...: a run in runs/gpu-<name>, its
   stage "$limit" "train-$name.txt" python train.py --data $DATA/train --workers 16 --out "runs/gpu-$name" "$@"
   mkdir -p "$OUT/$name" && cp runs/gpu-"$name"/{log.jsonl,config.json,eval.json} "$OUT/$name/" 2>/dev/null
 }
-BENCH="python bench.py --device cuda --workers 15 --data $DATA/train"
+BENCH="python tools/bench.py --device cuda --workers 15 --data $DATA/train"
 case $MODE in
 speed)
-  stage 120 graph_check.txt python experiments/graph_check.py --device cuda
+  stage 120 graph_check.txt python tools/graph_check.py --device cuda
   for b in 256 512 1024; do stage 75 "bench-$b.txt" $BENCH --batch-size $b --graph; done
   stage 75 bench-256-cudnn.txt python -c "import runpy, sys, torch; torch.backends.cudnn.benchmark = True; \
-sys.argv = ['bench.py'] + sys.argv[1:]; runpy.run_path('bench.py', run_name='__main__')" \
+sys.argv = ['tools/bench.py'] + sys.argv[1:]; runpy.run_path('tools/bench.py', run_name='__main__')" \
     --device cuda --workers 15 --data $DATA/train --batch-size 256 --graph
   stage 150 bench-256-compile.txt $BENCH --batch-size 256 --graph --compile
   train_run epoch 100 --minutes 1 --cuda-graph --knn-every 5
@@ -68,7 +69,7 @@ headline)
   stage 60 eval-headline.txt python test.py runs/gpu-headline --data $DATA
   cp runs/gpu-headline/eval.json "$OUT/headline/" 2>/dev/null
   ;;
-*) echo "usage: ./gpu_check.sh speed|schedule|headline"; exit 2 ;;
+*) echo "usage: tools/gpu_check.sh speed|schedule|headline"; exit 2 ;;
 esac
 echo "== summary ($MODE, $((SECONDS - T0)) s):"
 python - "$OUT" "$MODE" <<'PY'

@@ -1,10 +1,10 @@
 """The CUDA graph of train.py --cuda-graph (devices.StepGraph), checked before anything is timed (issue 18).
 Not part of the library: nothing imports this file.
 
-    python experiments/graph_check.py --device cuda              # the recipe's model and batch 256
-    python experiments/graph_check.py --device cpu --batch-size 8 --hidden-dim 32   # the graph-ready step
+    python tools/graph_check.py --device cuda              # the recipe's model and batch 256
+    python tools/graph_check.py --device cpu --batch-size 8 --hidden-dim 32   # the graph-ready step
 
-The step is train.py's own (the views, byol_update with the recipe's LARS, the monitors' sums and the
+The step is train.py's own, train.byol_step (the views, byol_update with the recipe's LARS, the monitors' sums and the
 online probe), with its first view also copied out so that the check can see what a replay drew:
 1. two replays of the same batch draw different views (the graph's random numbers move on);
 2. a replay at lr 0 leaves the online weights exactly as they were (lr is read at replay, not capture);
@@ -18,18 +18,19 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from augment import Augment  # noqa: E402  (the project's own parts, as train.py builds them)
-from budget import state_tensors  # noqa: E402
-from devices import StepGraph, pick_device, prepare  # noqa: E402
-from models import BYOL  # noqa: E402
-from monitors import Monitor  # noqa: E402
-from optim import make_optimizer  # noqa: E402
-from train import DEFAULTS, byol_update  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's own modules
+from augment import Augment  # (the project's own parts, as train.py builds them)
+from models import BYOL
+from optim import make_optimizer
+from train import DEFAULTS, byol_step
+from machinery.budget import state_tensors
+from machinery.devices import StepGraph, pick_device, prepare
+from machinery.monitors import Monitor
 
 
 def build(args, device):
@@ -42,10 +43,11 @@ def build(args, device):
     monitor = Monitor(model, batches, None, cfg, device)
     seen = torch.zeros(args.batch_size, 3, 32, 32, device=device)
 
-    def one_step(x, labels, lr, tau):
+    def seeing_aug(x):  # train.py's views, the first also copied where the checks can see it
         view1, view2 = aug(x)
         seen.copy_(view1)
-        monitor.add(*byol_update(model, forward, optimizer, view1, view2, lr, tau), labels)
+        return view1, view2
+    one_step = partial(byol_step, seeing_aug, model, forward, optimizer, monitor)
     return model, optimizer, monitor, one_step, StepGraph(one_step, device), seen
 
 

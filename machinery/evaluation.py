@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from augment import STATS, normalize
-from devices import autocast
+from machinery.devices import autocast
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 on the same data, encoder, batch, optimizer, schedules and seed, both evaluated the same way against
 the random encoder (issue 8). Not part of the library: nothing imports this file.
 
-    python experiments/side_by_side.py --data path/to/cifar10 --epochs 5 --seeds 0 1
-    python experiments/side_by_side.py --data path/to/cifar10 --arms independent --swap views
+    python tools/side_by_side.py --data path/to/cifar10 --epochs 5 --seeds 0 1
+    python tools/side_by_side.py --data path/to/cifar10 --arms independent --swap views
 
 Arms: `ours` runs train.py itself (a subprocess, its defaults but for the flags below); `independent`
 runs the loop in this file: plain PyTorch, torchvision.transforms.v2 per image, about forty lines
@@ -31,10 +31,10 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402  (the project's loader, so that both arms read the very same uint8 tensors)
-from files import load_weights, read_log  # noqa: E402  (loads that cannot run code; logs cut short)
-from runs import cli  # noqa: E402  (a mistake the user can fix ends in its message, not a traceback)
+sys.path.insert(0, ROOT)  # the project's own modules
+from machinery import data  # (the project's loader, so that both arms read the very same uint8 tensors)
+from machinery.files import load_weights, read_log  # (loads that cannot run code; logs cut short)
+from machinery.runs import cli  # (a mistake the user can fix ends in its message, not a traceback)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -5,11 +5,11 @@ import math
 import os
 import time
 
-import data
 from augment import STATS
-from files import RUNS, quote
 from models import ARCHS, STEMS
-from runs import check_writable, load_checkpoint, run_files
+from machinery import data
+from machinery.files import RUNS, quote
+from machinery.runs import check_writable, load_checkpoint, run_files
 
 CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
                tau_schedule=("cosine", "constant"), normalize=tuple(STATS))

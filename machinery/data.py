@@ -26,7 +26,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from files import SaveError, UserError, cache_dir, save_atomic
+from machinery.files import SaveError, UserError, cache_dir, save_atomic
 
 DATASETS = ("cifar10", "cifar100", "stl10")
 DEFAULT_ROOT = "data"  # torchvision downloads here
@@ -322,7 +322,7 @@ class StreamingFolder(torch.utils.data.Dataset):
     """An ImageFolder read from disk every epoch, for sets larger than memory: item i is two random
     resized crops of image i as uint8 3 x S x S, taken in a DataLoader worker. The crop boxes follow
     torchvision's RandomResizedCrop, as augment.sample_crop_boxes does, and the resize is the same
-    bicubic as augment.resized_crop's, without antialiasing (as DeepMind's tf.image.resize too); the
+    bicubic as kernels.resized_crop's, without antialiasing (as DeepMind's tf.image.resize too); the
     rest of each view (flip, colour, blur, solarize) is made on the device by augment.Augment, so both
     paths share one definition of the views."""
 

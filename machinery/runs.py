@@ -19,8 +19,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from devices import any_process, end_processes
-from files import (RUNS, UserError, first_line, load_weights, open_to_append, quote, read_log, refuse_link,
+from machinery.devices import any_process, end_processes
+from machinery.files import (RUNS, UserError, first_line, load_weights, open_to_append, quote, read_log, refuse_link,
                    remove_temporaries, save_atomic, save_json, save_lines)
 
 CHECKPOINT_KEYS = ("online", "target", "predictor", "optimizer", "step", "perm", "rng", "config")

@@ -1,21 +1,24 @@
 """The README's pictures, drawn in one place (needs matplotlib):
 
-    python plots.py views [--data DIR]                 # README.assets/views.png: 8 images, their two views
-    python plots.py curves runs/<name> [--random-knn X]  # README.assets/curves.png from the run's log.jsonl
-    python plots.py curves results/h200-minutes5 --out README.assets/curves-h200.png
+    python tools/plots.py views [--data DIR]                 # README.assets/views.png: 8 images, their two views
+    python tools/plots.py curves runs/<name> [--random-knn X]  # README.assets/curves.png from the run's log.jsonl
+    python tools/plots.py curves results/h200-minutes5 --out README.assets/curves-h200.png
 """
-import startup  # noqa: F401  (first: Ctrl-C while torch loads is one line)
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's own modules
+from machinery import startup  # noqa: F401  (before torch: Ctrl-C while torch loads is one line)
 import argparse
 import math
-import os
 
 import torch
 
-import data
 from augment import CIFAR10_MEAN, CIFAR10_STD, Augment, to_float
-from files import cache_dir, read_config, read_log, save_atomic
-from flags import number
-from runs import cli, newest_run
+from machinery import data
+from machinery.files import cache_dir, read_config, read_log, save_atomic
+from machinery.flags import number
+from machinery.runs import cli, newest_run
 
 ASSETS = "README.assets"
 

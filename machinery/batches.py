@@ -6,9 +6,9 @@ import os
 
 import torch
 
-import data
-from devices import barrier, host_memory_available
-from files import cache_dir
+from machinery import data
+from machinery.devices import barrier, host_memory_available
+from machinery.files import cache_dir
 
 
 class Batches:
@@ -136,5 +136,5 @@ def stream_batches(dataset, perm, start, cfg, rank, world, device):
         for crops1, crops2 in loader:
             yield crops1.to(device, non_blocking=True), crops2.to(device, non_blocking=True)
     except data.DataError as e:  # from a worker, its message is "Caught DataError in DataLoader worker process
-        # N.\nOriginal Traceback ...\ndata.DataError: <ours>\n" (torch/_utils.py, ExceptionWrapper.reraise)
-        raise data.DataError(str(e).rpartition("\ndata.DataError: ")[2].strip()) from None
+        # N.\nOriginal Traceback ...\nmachinery.data.DataError: <ours>\n" (torch/_utils.py, ExceptionWrapper.reraise)
+        raise data.DataError(str(e).rpartition(f"\n{data.__name__}.DataError: ")[2].strip()) from None
