@@ -15,9 +15,10 @@ def regression_loss(q, z):
     return 2 - 2 * (q * z).sum(dim=-1)           # N
 
 
-def byol_loss(q1, q2, z1, z2):
+def byol_loss(q1, q2, z1_t, z2_t):
     """Sec. 3.1: L^BYOL = L + L~, the loss symmetrised over the two views, averaged over the batch.
 
-    q1 = prediction of view 1 regresses z2 = target projection of view 2, and vice versa.
+    As Algorithm 1 names them: q1 = q(z_1), the prediction of view 1, regresses z1_t = z'_1, the target's
+    projection of view 2; q2, of view 2, regresses z2_t = z'_2, the target's projection of view 1.
     """
-    return (regression_loss(q1, z2) + regression_loss(q2, z1)).mean()
+    return (regression_loss(q1, z1_t) + regression_loss(q2, z2_t)).mean()

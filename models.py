@@ -69,8 +69,9 @@ class BYOL(nn.Module):
         """Returns the loss L^BYOL (Sec. 3.1), and for the monitors the online representation y
         and projection z of view 1, both detached."""
         (y1, z1, q1), (_, _, q2) = self._online(view1), self._online(view2)
-        with torch.no_grad():
-            z1_t, z2_t = self.target(view1), self.target(view2)        # N x 256 each
+        with torch.no_grad():                                           # Algorithm 1's pairing: z'_1 is the
+            z2_t = self.target(view1)                                   # target's view 2, z'_2 its view 1
+            z1_t = self.target(view2)                                   # N x 256 each
         return byol_loss(q1, q2, z1_t, z2_t), y1.detach(), z1.detach()
 
     def _online(self, x):

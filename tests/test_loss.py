@@ -23,8 +23,9 @@ def test_no_gradient_reaches_the_target():
 
 
 def test_symmetric_loss_pairs_each_prediction_with_the_other_views_target():
-    q1, q2, z1, z2 = (torch.randn(8, 16) for _ in range(4))
-    expected = (regression_loss(q1, z2) + regression_loss(q2, z1)).mean()
-    torch.testing.assert_close(byol_loss(q1, q2, z1, z2), expected)
+    q1, q2, z_of_view1, z_of_view2 = (torch.randn(8, 16) for _ in range(4))   # z: the target's projections
+    expected = (regression_loss(q1, z_of_view2) + regression_loss(q2, z_of_view1)).mean()
+    # Algorithm 1's names: z'_1 (paired with q1) is the target's projection of view 2, z'_2 of view 1.
+    torch.testing.assert_close(byol_loss(q1, q2, z1_t=z_of_view2, z2_t=z_of_view1), expected)
     # Regressing each view's own target is a different (wrong) loss.
-    assert not torch.allclose(byol_loss(q1, q2, z1, z2), byol_loss(q1, q2, z2, z1))
+    assert not torch.allclose(byol_loss(q1, q2, z_of_view2, z_of_view1), byol_loss(q1, q2, z_of_view1, z_of_view2))

@@ -40,6 +40,19 @@ def test_forward_shapes_and_views_are_not_mixed_up():
     assert y.shape == (4, 512) and z.shape == (4, 16) and not y.requires_grad
 
 
+def test_forward_pairs_each_views_prediction_with_the_targets_projection_of_the_other_view():
+    """Algorithm 1: q(z_1) of view 1 regresses z'_1 = g_xi(f_xi(view 2)), and q(z_2) regresses z'_2 of view 1."""
+    from loss import regression_loss
+    model = small_byol().train()
+    view1, view2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss, _, _ = model(view1, view2)
+    with torch.no_grad():
+        q1, q2 = (model.predictor(model.online(v)) for v in (view1, view2))
+        t1, t2 = model.target(view1), model.target(view2)
+        torch.testing.assert_close(loss, (regression_loss(q1, t2) + regression_loss(q2, t1)).mean())
+        assert not torch.allclose(loss, (regression_loss(q1, t1) + regression_loss(q2, t2)).mean())
+
+
 def test_no_predictor_ablation_has_no_predictor_parameters():
     assert not list(small_byol(predictor=False).predictor.parameters())
 

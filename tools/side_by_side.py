@@ -140,8 +140,8 @@ def independent(args, seed, images, labels, monitor, log):
     if "loss" in args.swap:
         from loss import byol_loss
     else:
-        def byol_loss(q1, q2, z1, z2):  # Eq. 2, symmetrised; sg() on the target projections
-            return (4 - 2 * F.cosine_similarity(q1, z2.detach()) - 2 * F.cosine_similarity(q2, z1.detach())).mean()
+        def byol_loss(q1, q2, z1, z2):  # Eq. 2, symmetrised; sg() on the target projections z'_1, z'_2
+            return (4 - 2 * F.cosine_similarity(q1, z1.detach()) - 2 * F.cosine_similarity(q2, z2.detach())).mean()
     steps_per_epoch = len(images) // args.batch_size
     K, peak = args.epochs * steps_per_epoch, args.base_lr * args.batch_size / 256
     W = min(10 * steps_per_epoch, K // 10)  # train.py's warm-up rule: 10 epochs, at most a tenth
@@ -158,7 +158,7 @@ def independent(args, seed, images, labels, monitor, log):
             x1, x2 = augment(images[perm[i * args.batch_size:(i + 1) * args.batch_size]])
             q1, q2 = predictor(online(x1)), predictor(online(x2))
             with torch.no_grad():
-                z1, z2 = target(x1), target(x2)
+                z1, z2 = target(x2), target(x1)  # Algorithm 1: z'_1 of the other view, as loss.byol_loss
             loss = byol_loss(q1, q2, z1, z2)
             opt.zero_grad()
             loss.backward()
