@@ -4,7 +4,8 @@ Appendix B's list of ops, in its order, each a short function: random crop, flip
 colour dropping, Gaussian blur, solarization. Each runs on a whole uint8 batch on the training device,
 its randomness drawn per image from torch's global RNG (checkpoints restore it) and applied through
 masks: no Python loop over images, no host sync. Each op equals torchvision.transforms.v2's on the
-same parameters (tests/test_augment.py). Draw the two views: python tools/plots.py views.
+same parameters (tests/test_augment.py); where DeepMind's code differs (brightness, contrast, saturation,
+blur's padding): docs/recipe.md. Draw the two views: python tools/plots.py views.
 """
 import math
 
@@ -23,8 +24,8 @@ VIEWS = {  # Table 6: T (view 1) and T' (view 2) side by side; the crop's area a
 COINS = ("flip", "jitter", "gray", "blur", "solarize")  # the ops of VIEWS applied with a probability
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)  # Table 6: max intensities
 BLUR_SIGMA = (0.1, 2.0)  # Appendix B: sigma ~ U[0.1, 2.0]
-# The (mean, std) each recipe normalises with: CIFAR-10's training set's, as the public CIFAR recipes
-# (e.g. solo-learn); ImageNet's, as torchvision's models.
+# The (mean, std) each recipe normalises with: CIFAR-10's training set's (solo-learn rounds the std to 0.247,
+# 0.243, 0.261); ImageNet's, as torchvision's models and Appendix B.
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
@@ -82,15 +83,15 @@ def grayscale(x):  # Appendix B, colour dropping: each pixel its luma, on 3 chan
     return luma(x).expand_as(x)
 
 
-def adjust_brightness(x, factor):  # as torchvision: x scaled by factor
+def adjust_brightness(x, factor):  # as torchvision: x scaled by factor; DeepMind: x + delta
     return (x * _bcast(factor)).clamp(0, 1)
 
 
-def adjust_contrast(x, factor):  # as torchvision: factor x + (1 - factor) mean(luma(x))
+def adjust_contrast(x, factor):  # as torchvision: factor x + (1 - factor) mean(luma(x)); DeepMind: per channel
     return torch.lerp(luma(x).mean((1, 2, 3), keepdim=True), x, _bcast(factor)).clamp(0, 1)
 
 
-def adjust_saturation(x, factor):  # as torchvision: factor x + (1 - factor) luma(x)
+def adjust_saturation(x, factor):  # as torchvision: factor x + (1 - factor) luma(x); DeepMind: HSV's S x factor
     return torch.lerp(grayscale(x), x, _bcast(factor)).clamp(0, 1)
 
 
@@ -119,7 +120,7 @@ def color_jitter(x, p, brightness, contrast, saturation, hue):
 
 
 def gaussian_blur(x, sigma, kernel_size):
-    """Per-image sigma (N,), odd kernel_size; separable, reflect padding, as v2 gaussian_blur."""
+    """Per-image sigma (N,), odd kernel_size; separable, reflect padding, as v2 gaussian_blur (DeepMind: zeros)."""
     N, C, H, W = x.shape
     lim = (kernel_size - 1) / (2 * math.sqrt(2))  # torchvision's kernel: softmax(-(t / sigma)^2)
     t = torch.linspace(-lim, lim, kernel_size, device=x.device)

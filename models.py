@@ -48,12 +48,12 @@ class BYOL(nn.Module):
     """Bootstrap Your Own Latent, https://arxiv.org/abs/2006.07733 (Sec. 3.1, Fig. 2).
 
     online    = (encoder f_theta, projector g_theta), followed by the predictor q_theta.
-    target    = (encoder f_xi, projector g_xi): a copy of online that never receives gradients and
-                moves only by the EMA in update_target().
-    predictor = q_theta, online only. The asymmetry it creates is what prevents collapse (Table 5);
-                predictor=False removes it, for that ablation.
-    Each view goes through each network on its own, as in the paper, so BatchNorm never normalises
-    one view with the other's statistics.
+    target    = (encoder f_xi, projector g_xi): starts as a copy of online (Appendix J.5; docs/recipe.md),
+                never receives gradients and moves only by the EMA in update_target().
+    predictor = q_theta, online only. It and the slowly moving target together keep BYOL from collapsing
+                (Sec. 3.2); without either it collapses (Table 5b). predictor=False: that ablation.
+    Each view goes through each network on its own, as in DeepMind's code (byol_experiment.py), so
+    BatchNorm never normalises one view with the other's statistics.
     """
 
     def __init__(self, arch="resnet18", image_size=32, hidden_dim=4096, proj_dim=256,

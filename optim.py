@@ -1,4 +1,4 @@
-"""BYOL's optimisation (Grill et al. 2020, arXiv 2006.07733, Sec. 3.3 "Optimization" and Appendix C):
+"""BYOL's optimisation (Grill et al. 2020, arXiv 2006.07733, Sec. 3.3 "Optimization" and Appendix J.1):
 the lr and tau schedules as pure functions of the step, LARS, and the parameters it adapts."""
 import math
 
@@ -62,7 +62,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model, weight_decay):
-    """Appendix C: biases and BatchNorm parameters (every 1-D tensor) are excluded from weight decay
+    """Sec. 3.3: biases and BatchNorm parameters (every 1-D tensor) are excluded from weight decay
     and from LARS adaptation."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay, lars=True),

@@ -23,9 +23,9 @@ from machinery.monitors import Monitor
 from machinery.runs import Run, cli
 
 # ----------------------------------------------------------------------------------------------
-# The recipe. "paper" = Grill et al. 2020 (ImageNet, Sec. 3.3 and Appendix C); the paper has no
-# CIFAR setting, so CIFAR-10 values come from solo-learn's byol.yaml for CIFAR ResNet-18, the
-# strongest public recipe (92.58% linear top-1 after 1000 epochs).
+# The recipe. "paper" = Grill et al. 2020, arXiv v3 (ImageNet: Sec. 3.3, hyper-parameters in Appendix J.1); the paper
+# has no CIFAR setting, so CIFAR-10 values come from solo-learn's scripts/pretrain/cifar/byol.yaml (ResNet-18;
+# its online linear classifier: 92.58% top-1 after 1000 epochs).
 DEFAULTS = dict(
     dataset="cifar10",     # cifar10 | cifar100 | stl10; or --data pointing at an ImageFolder
     data="data",           # where torchvision downloads to, or an ImageFolder directory
@@ -42,9 +42,9 @@ DEFAULTS = dict(
     optimizer="lars",      # lars (paper) | sgd
     base_lr=1.0,           # lr = base_lr * batch_size / 256; solo-learn (paper: 0.2)
     weight_decay=1e-5,     # solo-learn (paper: 1.5e-6)
-    momentum=0.9,          # paper and solo-learn
-    eta=0.02,              # LARS trust coefficient; solo-learn (paper: 1e-3)
-    lars_clip=True,        # solo-learn's clip_lr: steps of min(trust, lr); --no-lars-clip: the paper's LARS
+    momentum=0.9,          # paper (Appendix J.1) and solo-learn
+    eta=0.02,              # LARS trust coefficient; solo-learn (paper: 1e-3, Appendix J.1)
+    lars_clip=True,        # solo-learn's clip_lr: steps of min(trust, lr); --no-lars-clip: DeepMind's code's LARS
     warmup_epochs=10,      # linear warm-up, then cosine decay (paper); capped at a tenth of the run
     tau_base=0.99,         # EMA start, cosine to 1; solo-learn (paper: 0.996 on ImageNet)
     tau_schedule="cosine", # cosine (Sec. 3.3) | constant: tau_base throughout (Table 5a's tau = 0 row)
@@ -66,7 +66,7 @@ DEFAULTS = dict(
     out=None,              # run directory; default runs/<time>-<dataset>-<arch>
     recipe="cifar10",      # cifar10: this block | imagenet: the paper's (IMAGENET below) in its place
 )
-# The paper's own recipe, ImageNet with ResNet-50 (Sec. 3.3, Appendix B and C): --recipe imagenet puts
+# The paper's own recipe, ImageNet with ResNet-50 (Sec. 3.3, Appendices B and J.1): --recipe imagenet puts
 # these in place of the values above; flags still win. Not run here: docs/scale.md.
 IMAGENET = dict(
     arch="resnet50",       # Sec. 3.3 (74.3% linear top-1, Table 1)
@@ -76,8 +76,8 @@ IMAGENET = dict(
     optimizer="lars",      # Sec. 3.3
     base_lr=0.2,           # Sec. 3.3: lr = 0.2 x batch / 256
     weight_decay=1.5e-6,   # Sec. 3.3
-    eta=1e-3,              # Appendix C: LARS trust coefficient
-    lars_clip=False,       # Appendix C: the paper's LARS, no clip
+    eta=1e-3,              # Appendix J.1: LARS trust coefficient (trust_coef)
+    lars_clip=False,       # no clip: DeepMind's code (byol/utils/optimizers.py); the paper names LARS only
     epochs=1000,           # Sec. 3.3
     warmup_epochs=10,      # Sec. 3.3
     tau_base=0.996,        # Sec. 3.3
@@ -135,7 +135,7 @@ def main(argv=None):
             times = time_trial(train_step, batches.random, monitor.check if test else None, run.scratch_save,
                                [model, optimizer, monitor], device)
             cfg["epochs"] = plan_minutes(cfg, batches.steps_per_epoch, times, world, device)
-        # Sec. 3.3: one step per batch, lr scaled linearly with the batch, warm-up capped at a tenth of the run.
+        # Sec. 3.3: lr scaled linearly with the batch, warm-up then cosine; capping the warm-up at a tenth is ours.
         total_steps = cfg["epochs"] * batches.steps_per_epoch
         warmup_steps = min(cfg["warmup_epochs"] * batches.steps_per_epoch, total_steps // 10)
         peak_lr = cfg["base_lr"] * cfg["batch_size"] / 256

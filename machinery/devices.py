@@ -106,9 +106,10 @@ def keep_freed_memory():
 
 
 def autocast(device, enabled=None, graphed=False):
-    """bf16 autocast on CUDA (the paper trains in bfloat16 on TPUs, Appendix C), off elsewhere. Under a
-    CUDA graph the casts of the weights are made afresh at each replay: autocast's cache of them would
-    hold tensors the graph does not own (PyTorch's CUDA graph notes)."""
+    """bf16 autocast on CUDA, off elsewhere: a speed choice of ours (neither the paper's text nor DeepMind's
+    byol code casts to bfloat16; docs/recipe.md). Under a CUDA graph the casts of the weights are made
+    afresh at each replay: autocast's cache of them would hold tensors the graph does not own (PyTorch's
+    CUDA graph notes)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None
                           else enabled, cache_enabled=False if graphed else None)
 
@@ -137,10 +138,11 @@ def prepare(model, device, compile=False, channels_last=None, bf16=None, distrib
 
 
 def sync_batchnorm(model, device):
-    """Every BatchNorm of the model over the global batch of all processes, in place, as the paper
-    computes BN statistics over its whole batch of 4096 across TPU cores (Appendix C): PyTorch's
-    nn.SyncBatchNorm on GPUs, and on the CPU, where nn.SyncBatchNorm does not run, GlobalBatchNorm,
-    the same computation over gloo. Each keeps the original's parameters and buffers."""
+    """Every BatchNorm of the model over the global batch of all processes, in place, as DeepMind's code
+    computes BN over its whole batch of 4096 across TPU cores (byol/configs/byol.py: cross_replica_axis; the
+    paper's text does not say): PyTorch's nn.SyncBatchNorm on GPUs, and on the CPU, where nn.SyncBatchNorm
+    does not run, GlobalBatchNorm, the same computation over gloo. Each keeps the original's parameters
+    and buffers."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():

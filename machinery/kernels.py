@@ -41,8 +41,8 @@ def resize_matrix(start, length, size, full):
 
 def resized_crop(x, boxes, size, flip=None):
     """Crop each image of x (N,3,H,W, floats in [0, 1]) to its (top, left, h, w) box and resize it to
-    size x size, bicubic without antialias (DeepMind's tf.image.resize and solo-learn's pipelines do not
-    antialias either); then mirror the images where flip (N,) is True. Equals v2.functional.resized_crop(
+    size x size, bicubic without antialias (as DeepMind's tf.image.resize; solo-learn's torchvision on PIL
+    images antialiases); then mirror the images where flip (N,) is True. Equals v2.functional.resized_crop(
     ..., antialias=False) with the overshoot of the bicubic kernel clamped to [0, 1].
 
     Resizing is separable, so each image is two matrix products: rows (S x H) @ image @ cols^T

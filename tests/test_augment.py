@@ -168,7 +168,7 @@ def test_augment_views():
 
 
 def test_augment_other_sizes_and_blur_kernel():
-    assert A.Augment(224).kernel_size == 23 and A.Augment(224).blur  # Table 6: 23 px at 224
+    assert A.Augment(224).kernel_size == 23 and A.Augment(224).blur  # Appendix B: 23 px at 224
     assert A.Augment(96).kernel_size == 9 and not A.Augment(32).blur and A.Augment(32, blur=True).blur
     v1, v2 = A.Augment(48, blur=True)(_images(4))
     assert v1.shape == v2.shape == (4, 3, 48, 48)

@@ -48,7 +48,7 @@ def test_param_groups_exclude_biases_and_batchnorm():
 
 
 def _lars_reference(params, grads, state, lr, wd, eta, m, clip, adapted, eps=1e-8):
-    """One LARS step, tensor by tensor, from the formulas (solo-learn's clipped form, or the paper's)."""
+    """One LARS step, tensor by tensor, from the formulas (solo-learn's clipped form, or DeepMind's code's)."""
     clipped = []
     for i, (w, g) in enumerate(zip(params, grads)):
         if not adapted[i]:
@@ -97,7 +97,7 @@ def test_lars_equals_a_per_tensor_reference_over_several_steps(clip):
 
 
 def test_lars_modes_differ_where_the_clip_binds():
-    """The clipped and the paper's LARS are not the same rule: one step at lr 0.1 on a tensor with a
+    """The clipped and DeepMind's unclipped LARS are not the same rule: one step at lr 0.1 on a tensor with a
     small gradient (trust >> lr) moves 0.1 * u clipped, and trust * 0.1 * u unclipped."""
     w = torch.nn.Parameter(torch.ones(4, 4))
     steps = {}

@@ -125,7 +125,7 @@ def independent(args, seed, images, labels, monitor, log):
         target = copy.deepcopy(online).requires_grad_(False)
     params = list(online.parameters()) + list(predictor.parameters())
     groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.ndim == 1], weight_decay=0.0)]  # Appendix C
+              dict(params=[p for p in params if p.ndim == 1], weight_decay=0.0)]  # Sec. 3.3
     opt = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     if "optimizer" in args.swap:
         from optim import make_optimizer
