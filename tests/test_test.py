@@ -36,6 +36,7 @@ def test_evaluate_run(trained, image_root):
     assert result["n_train"] == 64 and result["n_test"] == 32
     assert 0 <= result["top1"] <= result["top5"] <= 1 and 0 <= result["knn_top1"] <= 1
     assert json.load(open(os.path.join(trained, "eval.json")))["top1"] == result["top1"]
+    assert result["protocol"] == "fixed-lr" and result["lr"] == 0.1 and result["epochs"] == 5
 
 
 def test_evaluate_cli_prints_json_last(trained, image_root):
@@ -110,6 +111,74 @@ def test_semi_supervised_finetunes_a_copy_and_reports_top1_top5(image_root):
     assert 0 <= r["semi_top1"] <= r["semi_top5"] <= 1
 
 
+class _Corner(torch.nn.Module):
+    """An "encoder" whose features are each image's top-left pixel."""
+    def forward(self, x):
+        return x[:, :, 0, 0]
+
+
+def test_the_paper_protocol_picks_the_lr_best_on_held_out_training_images_and_retrains_on_all(monkeypatch):
+    """Appendix C.1 at CIFAR scale, its trainer replaced: only lr 0.2's classifier is right, so 0.2 must win
+    on the held-out tenth (one image of each class here), every run of the grid must fit the other nine
+    tenths only, and the last run must fit every training image, held-out included, at 0.2."""
+    labels, cpu = torch.arange(4).repeat_interleave(10), torch.device("cpu")
+    images = (labels * 60).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 8, 8).contiguous()  # pixel = class
+    centres = evaluate.features(_Corner(), images[::10], cpu)[:, :1].T                   # 1 x 4: each class's
+    calls = []
+
+    def trainer(encoder, x, y, n_classes, device, epochs, lr, augment=None, stats=None):
+        calls.append((lr, x, y))                   # the right class's logit is largest at lr 0.2, the next one's else
+        return lambda f: (-(f[:, :1] - centres).abs()).roll(0 if lr == 0.2 else 1, dims=1)
+    monkeypatch.setattr(evaluate, "train_linear", trainer)
+    _, record = evaluate.paper_protocol(_Corner(), images, labels, 4, cpu, 1, evaluate.PAPER_LRS, 0, None,
+                                        evaluate.STATS["cifar10"])
+    held = evaluate.balanced_subset(labels, 0.1, seed=0)
+    fit = torch.ones(40, dtype=torch.bool)
+    fit[held] = False
+    assert record == dict(lr_grid=[0.4, 0.3, 0.2, 0.1, 0.05], held_out_top1=[0.0, 0.0, 1.0, 0.0, 0.0], lr=0.2,
+                          n_held_out=4)
+    assert [lr for lr, _, _ in calls] == [0.4, 0.3, 0.2, 0.1, 0.05, 0.2]
+    assert all(torch.equal(x, images[fit]) and torch.equal(y, labels[fit]) for _, x, y in calls[:-1])
+    assert torch.equal(calls[-1][1], images) and torch.equal(calls[-1][2], labels)
+
+
+def test_the_paper_protocol_records_itself_and_trains_on_training_images_only(trained, image_root, tmp_path,
+                                                                              monkeypatch):
+    """The real path, end to end: every classifier is trained on training images only (never a test image),
+    the last on all of them, and eval.json and the printed JSON say which protocol gave the figures."""
+    from machinery import data
+    run_dir, seen, real = _copy(trained, tmp_path), [], evaluate.train_linear
+    monkeypatch.setattr(evaluate, "train_linear", lambda enc, x, *a, **kw: seen.append(x) or real(enc, x, *a, **kw))
+    r = main_of("test.py", run_dir, *_quick(image_root), "--subset", "32", "--protocol", "paper",
+                "--lr-grid", "0.2,0.1")
+    assert r.returncode == 0, r.stderr
+    saved = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == saved and "--protocol paper: lr" in r.stdout
+    assert saved["protocol"] == "paper" and saved["augment"] is True and saved["lr_grid"] == [0.2, 0.1]
+    assert saved["n_held_out"] == 4 and len(saved["held_out_top1"]) == 2 and saved["lr"] in (0.2, 0.1)
+    assert [len(x) for x in seen] == [28, 28, 32]
+    train_x, _ = data.load(str(image_root), "cifar10", "train", 32, 32, 0, str(tmp_path / "cache"))
+    assert {bytes(i.cpu().numpy()) for x in seen for i in x} == {bytes(i.numpy()) for i in train_x}
+
+
+def test_the_frozen_encoder_check_covers_the_paper_protocol(trained, image_root, tmp_path, monkeypatch):
+    """A classifier's training that moved the encoder's BN statistics is caught, under --protocol paper too."""
+    def mover(encoder, *args, **kw):
+        encoder.bn1.running_mean += 1
+        return lambda f: f[:, :4]
+    monkeypatch.setattr(evaluate, "train_linear", mover)
+    with pytest.raises(AssertionError, match="frozen encoder changed"):
+        evaluate.main([_copy(trained, tmp_path), *_quick(image_root), "--protocol", "paper"])
+
+
+@pytest.mark.parametrize("flags", [["--protocol", "nope"], ["--lr-grid", "0.1,nan"], ["--lr-grid", "0.1,"],
+                                   ["--lr-grid", "0.1,0"]])
+def test_a_bad_protocol_or_lr_grid_is_a_usage_error(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["anything", *flags])
+    assert e.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
 def test_published_figures_sit_beside_the_matching_figure_of_ours(tmp_path, capsys):
     """solo-learn's 92.58% is its online classifier: it is set beside train.py's online probe on the
     test split (the last one logged), lightly's kNN beside test.py's kNN, and the offline linear probe
@@ -177,7 +246,7 @@ def test_nan_and_inf_are_usage_errors_for_every_float_flag(flag, value, capsys):
     assert e.value.code == 2 and "finite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--lr", "3e38"],
+@pytest.mark.parametrize("flags", [["--lr", "3e38"], ["--protocol", "paper", "--lr-grid", "3e38"],
                                    ["--labels", "0.1", "--finetune-epochs", "1", "--finetune-lr", "1e30"]])
 def test_a_diverging_classifier_is_an_error_naming_its_lr_and_keeps_eval_json(trained, image_root, tmp_path, flags):
     """lr 3e38 (float32's largest is 3.4e38) makes the linear head's logits Inf; lr 1e30 makes the fine-tuned
