@@ -65,14 +65,20 @@ def test_the_graph_ready_step_equals_the_loops_step_and_takes_each_lr_and_tau():
     assert not _equal(eager[0].target.state_dict(), _setup()[0].target.state_dict())  # the EMA moved it
 
 
-def test_the_gpu_graph_check_holds_for_the_graph_ready_step_on_the_cpu():
+def test_the_gpu_graph_check_holds_for_the_graph_ready_step_on_the_cpu(capsys):
     """tools/graph_check.py, the checks a GPU lease runs before timing the CUDA graph, run here on
-    the graph-ready step: each holds (a broken check, or a broken step, would show here first)."""
+    the graph-ready step: each holds (a broken check, or a broken step, would show here first). Its loss
+    curves, graph and eager, are equal here, where a call runs the step eagerly: two runs that did not
+    start from the same weights, seed and batches would part, and the GPU's comparison would mean nothing."""
+    import json
     import importlib.util
     import os
     from tests.conftest import ROOT
     spec = importlib.util.spec_from_file_location("graph_check", os.path.join(ROOT, "tools", "graph_check.py"))
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    results = check.main(["--device", "cpu", "--batch-size", "8", "--hidden-dim", "32"])
-    assert len(results) == 4 and all(results.values()), results
+    results = check.main(["--device", "cpu", "--batch-size", "8", "--hidden-dim", "32", "--steps", "4"])
+    assert len(results) == 5 and all(results.values()), results
+    figures = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert figures["all_hold"] and figures["loss_curve_max_gap"] == 0.0
+    assert figures["loss_eager_first_last"] == figures["loss_graph_first_last"]
