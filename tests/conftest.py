@@ -62,6 +62,20 @@ def _generated(path, n, seed):
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(path, name, f"{i:04d}.jpg"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The per-user data cache ($XDG_CACHE_HOME/byol-reproduction) of every test, and of every script a test
+    starts (they inherit the environment), in a temporary folder: never the real home's."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    from machinery.files import cache_dir
+    yield cache_dir()
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory):
     """root/{train,test}/<class>/*.jpg: 4 classes, 16 train and 8 test images each."""
