@@ -477,7 +477,7 @@ def test_a_run_saved_with_torch_sgd_resumes_exactly(image_root, tmp_path):
     (momentum_buffer, SGD's group keys, lars still set on the weights' group): runs.optimizer_state reads
     it, and the resumed run ends on the weights of the same run resumed from this code's own state."""
     import shutil
-    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "1", "--knn-every", "0", *TINY,
+    args = ["--data", str(image_root / "train"), "--subset", "16", "--epochs", "1", "--knn-every", "0", *TINY,
             "--optimizer", "sgd", "--base-lr", "0.1"]
     ours = train.main([*args, "--out", str(tmp_path / "ours")])
     old = shutil.copytree(ours, tmp_path / "old", ignore=shutil.ignore_patterns("lock"))

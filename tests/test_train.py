@@ -13,6 +13,7 @@ import test as evaluate
 from models import resnet
 import train
 from machinery.evaluation import features
+from machinery.files import cache_dir
 from tests.conftest import TINY, main_of
 
 
@@ -101,10 +102,10 @@ def test_imagenet_stem_run_trains_saves_and_evaluates(image_root, tmp_path):
 
 def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
     """The loop reads tensors on the host only at logging intervals (and at the epoch's end): the same
-    data as 3 steps of 16 and as 6 steps of 8, logged once, must read the same number of values. A
-    .item(), float(t) or `if t:` added to every step would read 3 more in the second run."""
-    for split in ("train", "test"):                       # decoded and cached first: the runs read the cache
-        data.load(str(image_root), split=split, subset=48 if split == "train" else None, cache=str(tmp_path / ".cache"))
+    data as 2 steps of 16 and as 4 steps of 8, logged once, must read the same number of values. A
+    .item(), float(t) or `if t:` added to every step would read 2 more in the second run."""
+    for split in ("train", "test"):     # decoded into the user's cache first, as train.py's: both runs read it
+        data.load(str(image_root), split=split, subset=32 if split == "train" else None, cache=cache_dir())
     reads = []
     for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -116,7 +117,7 @@ def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
     counts = []
     for batch in (16, 8):
         reads.clear()
-        train.main(["--data", str(image_root / "train"), "--subset", "48", "--epochs", "1", "--batch-size", str(batch),
+        train.main(["--data", str(image_root / "train"), "--subset", "32", "--epochs", "1", "--batch-size", str(batch),
                     "--hidden-dim", "32", "--proj-dim", "16", "--log-every", "100", "--device", "cpu",
                     "--out", str(tmp_path / f"b{batch}")])
         counts.append(len(reads))
@@ -211,7 +212,7 @@ def test_imagenet_recipe_streams_normalises_and_evaluates_as_imagenet(image_root
 def test_cuda_graph_flag_trains_the_same_weights_on_the_cpu(image_root, tmp_path):
     """--cuda-graph runs the loop's step through devices.StepGraph (on the CPU: eagerly, on its static
     buffers, with lr and tau as device tensors): the run ends on the very weights of the plain loop."""
-    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "2", "--knn-every", "0", *TINY]
+    args = ["--data", str(image_root / "train"), "--subset", "16", "--epochs", "2", "--knn-every", "0", *TINY]
     plain = train.main([*args, "--out", str(tmp_path / "plain")])
     graphed = train.main([*args, "--cuda-graph", "--out", str(tmp_path / "graphed")])
     a, b = (torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True) for out in (plain, graphed))
@@ -222,13 +223,13 @@ def test_cuda_graph_flag_trains_the_same_weights_on_the_cpu(image_root, tmp_path
     assert r.returncode != 0 and "--cuda-graph" in r.stderr             # a graph needs the batch in memory
 
 
-@pytest.mark.parametrize("save_minutes, saved_at", [("0", [4, 8, 12]), ("1000", [12])])
+@pytest.mark.parametrize("save_minutes, saved_at", [("0", [2, 4, 6]), ("1000", [6])])
 def test_checkpoints_follow_save_minutes(image_root, tmp_path, monkeypatch, save_minutes, saved_at):
     """--save-minutes 0 saves every epoch; a long interval saves at the end only (and on a signal, which the
-    SIGTERM tests cover): 3 epochs of 4 steps."""
+    SIGTERM tests cover): 3 epochs of 2 steps."""
     from machinery import runs
     saved, write = [], runs.Run.write
     monkeypatch.setattr(runs.Run, "write", lambda self, folder, step, *a: saved.append(step) or write(self, folder, step, *a))
-    train.main(["--data", str(image_root / "train"), "--subset", "32", "--epochs", "3", "--knn-every", "0",
+    train.main(["--data", str(image_root / "train"), "--subset", "16", "--epochs", "3", "--knn-every", "0",
                 "--out", str(tmp_path / "run"), *TINY, "--save-minutes", save_minutes])
     assert saved == saved_at
