@@ -2,25 +2,28 @@
 disk by DataLoader workers instead), one data order per epoch that every process shares, and this
 process's share of each global batch; the labelled test split the monitors score; and the fingerprint
 of the training images that a resumed run checks."""
+import atexit
 import hashlib
 import os
 import signal
+from functools import partial
 
 import torch
 
 from machinery import data
 from machinery.devices import barrier, host_memory_available
-from machinery.files import cache_dir, first_line
+from machinery.files import UserError, cache_dir, first_line
 
 SAMPLED = 64  # files whose bytes enter an ImageFolder's fingerprint, beside every file's name and size
 
 
-class WorkerLost(Exception):
+class WorkerLost(UserError):
     """A --stream DataLoader worker ended from outside (the out-of-memory killer, kill -9) while step `step`'s
     batch was awaited: every step before it is whole, so its weights may be saved (runs.Run)."""
 
     def __init__(self, step, why):
-        super().__init__(why)
+        super().__init__(f"a --stream DataLoader worker ended from outside ({why}); the likely cause is memory: "
+                         f"lower --workers or --batch-size")
         self.step, self.why = step, why
 
 
@@ -51,6 +54,12 @@ class Batches:
         except WorkerLost as e:
             e.step = step
             raise
+
+    def close(self):
+        """Ends the --stream workers of the epoch under way (a run that stops mid-epoch)."""
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
 
     def random(self):
         """A batch of this process's size drawn at random from the images in memory (the --minutes trial)."""
@@ -151,13 +160,16 @@ def stream_batches(dataset, perm, start, cfg, rank, world, device):
     process's share of every global batch of the epoch's order `perm` from step `start` on, and take
     two random resized crops of each; pinned, then copied to the device without blocking. The order
     is the shared epoch_order, not a DistributedSampler's, so a run resumes in the middle of an epoch.
-    An image a worker cannot read ends the run with data.py's one-paragraph DataError naming it."""
+    An image a worker cannot read ends the run with data.py's one-paragraph DataError naming it. The
+    workers end with the generator (closed, finished, or at exit: end_workers)."""
     order = perm.cpu()
     shares = [share_of(order, i, cfg["batch_size"], rank, world).tolist()
               for i in range(start, len(order) // cfg["batch_size"])]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg["workers"],
                                          pin_memory=device.type == "cuda", worker_init_fn=ignore_signals)
     batches = iter(loader)
+    ending = partial(end_workers, getattr(batches, "_workers", []))   # (torch's worker processes)
+    atexit.register(ending)
     if cfg["workers"]:  # torch's SIGCHLD handler raises where the main process happens to be, mid-step;
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # without it, a lost worker is found below, between steps
     try:
@@ -172,6 +184,19 @@ def stream_batches(dataset, perm, start, cfg, rank, world, device):
         codes = [w.exitcode for w in getattr(batches, "_workers", []) if w.exitcode]
         signals = [signal.Signals(-c).name for c in codes if -c in signal.valid_signals()]
         raise WorkerLost(None, first_line(e) + (f", by {', '.join(signals)}" if signals else "")) from None
+    finally:
+        ending()
+        atexit.unregister(ending)
+
+
+def end_workers(workers):
+    """Ends --stream workers at once (SIGKILL; they hold nothing to save). They ignore SIGTERM (ignore_signals),
+    which is how DataLoader and multiprocessing's own exit handler end them, so without this a process that
+    stops mid-epoch would wait for them forever as it exits."""
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+        w.join()
 
 
 def ignore_signals(worker_id):

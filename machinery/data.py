@@ -62,13 +62,8 @@ def class_names(folder):
     return sorted(e.name for e in visible(folder) if is_dir(e))
 
 
-def image_files(folder):
-    """The image files of one class folder, sorted; hidden files and sub-folders skipped."""
-    return class_contents(folder)[0]
-
-
 def class_contents(folder):
-    """(The image files of one class folder, sorted; the sub-folders in it, which are not read)."""
+    """(The image files of one class folder, sorted, hidden ones skipped; the sub-folders in it, not read)."""
     entries = [(e.name, is_dir(e)) for e in visible(folder)]
     return (sorted(name for name, folder in entries if name.lower().endswith(IMAGE_EXTENSIONS) and not folder),
             sorted(name for name, folder in entries if folder))
@@ -95,7 +90,7 @@ def is_dir(entry):
 
 def is_image_folder(path):
     """True when path holds one sub-folder per class, with images in them."""
-    return os.path.isdir(path) and any(image_files(os.path.join(path, c)) for c in class_names(path))
+    return os.path.isdir(path) and any(class_contents(os.path.join(path, c))[0] for c in class_names(path))
 
 
 def folder_split(root, split):
@@ -119,7 +114,7 @@ def load(data, dataset="cifar10", split="train", image_size=32, subset=None, see
     data: a directory. If it is (or holds train/ and test/) ImageFolders, they are read, every split
     labelled by the class names of the training split; otherwise torchvision's `dataset` is
     downloaded into it. subset: a fixed random subset of that many images, the same for a given
-    seed. cache: where a decoded ImageFolder is kept (default runs/.cache).
+    seed. cache: where a decoded ImageFolder is kept (default: this user's, files.cache_dir).
     STL-10's training split is 'unlabeled' + 'train' (labels -1 for the unlabeled part), as used
     for pretraining.
     """
@@ -231,9 +226,12 @@ def load_folder(root, image_size, subset, seed, cache, workers, train=None):
     try:
         os.makedirs(cache, mode=0o700, exist_ok=True)  # a new cache folder: this user's alone
         save_atomic((images, labels, digest_tensor(digests)), path, mode=0o600)
-        prune_cache(cache)
     except (SaveError, OSError) as e:  # the cache only saves time: go on without it
         print(f"note: the decoded images are not cached ({e})", file=sys.stderr)
+    try:
+        prune_cache(cache)
+    except OSError:                    # (a file another run removed first, a folder gone): pruned next time
+        pass
     return images, labels
 
 

@@ -12,7 +12,7 @@ from models import ARCHS, STEMS
 from machinery import data
 from machinery.devices import compiler_missing
 from machinery.files import RUNS, UserError, quote, read_config
-from machinery.folders import check_writable, is_run_folder, load_checkpoint, new_run_check
+from machinery.folders import MARK, check_writable, is_run_folder, load_checkpoint, new_run_check, run_files
 
 CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
                tau_schedule=("cosine", "constant"), normalize=tuple(STATS))
@@ -176,13 +176,18 @@ def configure(argv, defaults, recipes, doc):
 
 
 def check_older_run(out):
-    """A resumed run writes into its folder, which its checkpoint shows to be a run of ours. A run saved before
-    the MARK existed is one when its config.json is missing or holds train.py's keys; any other config.json
-    there is a user's, and is not replaced."""
+    """A resumed run writes into its checkpoint's folder: a run of ours (its MARK), one saved before the MARK
+    existed (a config.json with train.py's keys), or a folder that holds the checkpoint and none of the other
+    names a run writes. Anywhere else a config.json, log.jsonl, lock or encoder.pt is a user's, which the
+    resume would replace or trim: refused, and left as it is."""
     try:
         cfg = read_config(out)
     except UserError:
         cfg = None
-    if not is_run_folder(out) and (cfg is None or cfg and not {"arch", "batch_size", "epochs", "base_lr"} <= cfg.keys()):
-        raise SystemExit(f"error: {out}/config.json is not one train.py wrote, so resuming there would replace it. "
-                         f"Move the checkpoint into a folder of its own (or that config.json away) and resume there.")
+    if is_run_folder(out) or cfg and {"arch", "batch_size", "epochs", "base_lr"} <= cfg.keys():
+        return
+    found = run_files(out, ("config.json", "log.jsonl", "lock", "encoder.pt"))
+    if found:
+        raise SystemExit(f"error: {out} holds {', '.join(found)}, which train.py did not write there (it is no run "
+                         f"of ours: no config.json with the \"{MARK}\" mark), so resuming there would replace them. "
+                         f"Move the checkpoint into a folder of its own and resume there.")

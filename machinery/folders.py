@@ -51,6 +51,9 @@ def new_run_check(out, quiet=False, names=OWN_FILES):
         raise SystemExit(f"error: {out} already holds a run ({', '.join(found)}). "
                          f"Continue it with: python train.py --resume {quote(out)}\n"
                          f"or start the new run in another --out (or delete that folder first).")
+    if "lock" in found and held(os.path.join(out, "lock")):
+        raise SystemExit(f"error: {out} is in use: a training that is starting or running holds its lock. Wait for "
+                         f"it, or train into another --out.")
     if found and not is_run_folder(out):
         raise SystemExit(f"error: {out} holds {', '.join(found)}, which train.py did not write (a run's config.json "
                          f"carries the \"{MARK}\" mark), so nothing there is replaced. Pass another --out, a new or "
@@ -132,9 +135,15 @@ def lock(run_dir, ours=None):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC |
                      (0 if ours else os.O_EXCL), 0o666)
     except FileExistsError:
+        if held(path):
+            raise SystemExit(f"error: {run_dir} is in use: a training that is starting holds {path}. Wait for it, "
+                             f"or train into another --out.") from None
         raise SystemExit(f"error: {path} is not a lock train.py made: {run_dir} is no run of this project (it has "
                          f"no config.json with the \"{MARK}\" mark), so the file is left as it is. Pass another "
                          f"--out, or remove it (rm {quote(path)}) if a run killed as it started left it.") from None
+    except PermissionError:
+        raise SystemExit(f"error: {path} cannot be opened (permission denied): another user's run, or a file "
+                         f"that is not ours. Train into another --out.") from None
     except OSError as e:
         if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):   # a link, a folder, a socket
             raise
@@ -156,6 +165,34 @@ def lock(run_dir, ours=None):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     return f
+
+
+def drop_lock(f, run_dir):
+    """Removes run_dir/lock when it is still the file f (a lock this process made new) holds: a start that
+    fails before the folder is a run of ours leaves nothing of ours there."""
+    path = os.path.join(run_dir, "lock")
+    try:
+        if os.lstat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def held(path):
+    """Whether a process holds the flock on path (a plain file, opened without following a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def remove_leftovers(run_dir):

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from machinery.batches import WorkerLost
 from machinery.devices import any_process, end_processes
 from machinery.files import UserError, first_line, open_to_append, quote, save_atomic, save_json
-from machinery.folders import (FORMAT, MARK, RUN_FILES, is_run_folder, lock, new_run_check, remove_leftovers,
-                               trim_log)
+from machinery.folders import (FORMAT, MARK, RUN_FILES, drop_lock, is_run_folder, lock, new_run_check,
+                               remove_leftovers, trim_log)
 
 
 class Diverged(Exception):
@@ -39,7 +39,7 @@ class Run:
         self.batches, self.device, self.rank, self.world = batches, device, rank, world
         self.master, self.out = rank == 0, cfg["out"]
         self.signals, self.stopping, self.step, self.lr, self.bar, self.log_file = [], False, 0, 0.0, None, None
-        self.held, self.handlers, self.shown, self.saving, self.seconds = None, {}, {}, False, 0.0
+        self.held, self.handlers, self.shown, self.saving, self.seconds, self.fresh = None, {}, {}, False, 0.0, False
 
     def __enter__(self):
         trained_on = ((self.ckpt or {}).get("config") or {}).get("data_fingerprint")
@@ -57,6 +57,8 @@ class Run:
             if self.master:  # once the data is there: a failed start leaves no run
                 self.claim()
         except BaseException:
+            if self.held is not None and self.fresh and not is_run_folder(self.out):
+                drop_lock(self.held, self.out)               # ours alone: a lock left would refuse the next run
             self.release()
             raise
         return self
@@ -68,7 +70,7 @@ class Run:
         kill between the two saves of an epoch leaves encoder.pt one epoch behind)."""
         os.makedirs(self.out, exist_ok=True)
         ours = bool(self.ckpt) or is_run_folder(self.out)  # (a resumed run's checkpoint shows whose folder it is)
-        self.held = lock(self.out, ours)
+        self.held, self.fresh = lock(self.out, ours), not ours    # fresh: made here, new (O_EXCL)
         if not self.ckpt:   # again, under the lock (ours, so not among the names): another start, a user's files
             new_run_check(self.out, quiet=True, names=RUN_FILES)
         if ours:
@@ -194,7 +196,7 @@ class Run:
             self.model.predictor.load_state_dict(ckpt["predictor"])
             self.optimizer.load_state_dict(optimizer_state(ckpt["optimizer"], self.optimizer))
             if self.monitor.probe is not None and ckpt.get("probe") is not None:
-                check_shapes(ckpt.get("probe_optimizer"), self.monitor.probe_optimizer)
+                ckpt = dict(ckpt, probe_optimizer=own_groups(ckpt["probe_optimizer"], self.monitor.probe_optimizer))
             self.monitor.load_state_dict(ckpt)
             torch.set_rng_state(ckpt["rng"]["cpu"])
             if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
@@ -224,7 +226,8 @@ class Run:
         raise SystemExit(f"\nStopped at once by a second {signal.Signals(self.signals[-1]).name}: {kept}")
 
     def release(self):
-        """The progress bar, the log and the lock closed, and the signal handlers put back."""
+        """The --stream workers ended; the progress bar, the log and the lock closed; the signal handlers put back."""
+        self.batches.close()
         for thing in (self.bar, self.log_file, self.held):
             if thing is not None:
                 thing.close()
@@ -290,14 +293,21 @@ class Run:
 
 
 def optimizer_state(saved, optimizer):
-    """A saved optimizer state as this code's optim.LARS loads it. Runs saved before --optimizer sgd ran
-    on LARS hold torch.optim.SGD's (its momentum_buffer is LARS's v, and no group adapts), and runs saved
-    before the clip existed lack it (their config says --no-lars-clip); both resume exactly."""
-    check_shapes(saved, optimizer)
-    groups = [{**optimizer.defaults, **group, "lars": group.get("lars", False) and now["lars"]}
-              for group, now in zip(saved["param_groups"], optimizer.param_groups)]
+    """A saved optimizer state as this code's optim.LARS loads it: the state tensors from the checkpoint, the
+    groups' hyper-parameters (weight decay, momentum, eta, clip, eps) from the optimizer just built from the
+    checked config, which a resumed run keeps, so a checkpoint's own numbers are never trusted (a string or
+    a NaN there would fail or mislead mid-run). Runs saved before --optimizer sgd ran on LARS hold
+    torch.optim.SGD's state (its momentum_buffer is LARS's v, and no group adapts); both resume exactly."""
     state = {i: {"v" if k == "momentum_buffer" else k: t for k, t in s.items()} for i, s in saved["state"].items()}
-    return dict(state=state, param_groups=groups)
+    return own_groups(dict(saved, state=state), optimizer)
+
+
+def own_groups(saved, optimizer):
+    """saved (an optimizer's state_dict) with its groups' hyper-parameters taken from `optimizer`, built from the
+    checked config, and its state tensors checked (check_shapes)."""
+    check_shapes(saved, optimizer)
+    groups = [{**now, "params": group["params"]} for group, now in zip(saved["param_groups"], optimizer.param_groups)]
+    return dict(saved, param_groups=groups)
 
 
 def check_shapes(saved, optimizer):
@@ -322,8 +332,8 @@ def cli(main, interrupted="\nStopped before training began; nothing on disk was 
         raise SystemExit(f"error: {e}")
     except OSError as e:  # a log on a full or read-only disk (checkpoints raise SaveError), a name too long
         if e.errno == errno.ENAMETOOLONG:
-            raise SystemExit(f"error: {e.filename}: a name in it is longer than the file system allows; pass a "
-                             f"shorter one.")
+            raise SystemExit(f"error: {e.filename or 'a path'}: a name in it is longer than the file system allows; "
+                             f"pass a shorter one.")
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         raise SystemExit(f"error: cannot write {e.filename or 'to the run directory'}: {e.strerror}. Every "

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from machinery import data
-from tests.conftest import main_of
+from tests.conftest import ROOT, main_of
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
@@ -398,13 +398,36 @@ def test_a_stream_worker_error_reaches_the_user_as_our_message_alone(image_root,
     assert str(worker.value) == str(here.value) and str(bad) in str(here.value) and "\n" not in str(here.value)
 
 
+def test_a_process_that_stops_mid_epoch_ends_its_stream_workers_and_exits(image_root):
+    """The workers ignore SIGTERM (so that a preemption reaches the main process alone), which is how
+    multiprocessing's exit handler ends them: a process leaving mid-epoch, its generator still open, used to
+    wait for them forever. It must exit at once, and a closed generator must leave no worker behind."""
+    import subprocess
+    import sys
+    script = f"""if True:
+        import multiprocessing, sys, torch
+        from machinery import batches, data
+        stream = data.StreamingFolder(data.folder_files({str(image_root / "train")!r})[:8], 8)
+        cfg, cpu = {{"batch_size": 2, "workers": 2}}, torch.device("cpu")
+        closed = batches.stream_batches(stream, torch.arange(8), 0, cfg, 0, 1, cpu)
+        next(closed)
+        closed.close()
+        assert not multiprocessing.active_children(), "a closed generator left its workers"
+        left_open = batches.stream_batches(stream, torch.arange(8), 0, cfg, 0, 1, cpu)
+        next(left_open)
+        sys.exit(0)"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 # ---- Caches only this user can write, and regular files only (issue 23) -----------------------------
 
 @pytest.mark.parametrize("plant, said", [("another user's", "another user"), ("writable by others", "others can write"),
                                          ("a link", "symbolic link"), ("a FIFO", "FIFO")])
-def test_a_planted_cache_is_ignored_with_a_note_and_rebuilt(tmp_path, capsys, plant, said):
+def test_a_planted_cache_is_ignored_with_a_note_and_rebuilt(tmp_path, capsys, monkeypatch, plant, said):
     """Another local user could plant a cache with the right digests and other pixels, trained and evaluated on
-    without a word (its owner was never checked), or a FIFO, on which every run hung."""
+    without a word (its owner was never checked), or a FIFO, on which every run hung. (Not as root, the file
+    cannot be given away: this user's uid is then stood in for by another, while the planted cache is read.)"""
     root, cache = make_folder(tmp_path / "train", ["cat", "dog"]), str(tmp_path / "cache")
     x, y = data.load(root, cache=cache)
     [path] = glob.glob(os.path.join(cache, "*.pt"))
@@ -417,9 +440,15 @@ def test_a_planted_cache_is_ignored_with_a_note_and_rebuilt(tmp_path, capsys, pl
         os.mkfifo(path)
     else:
         torch.save(poisoned, path)
-        os.chown(path, 4242, 4242) if plant == "another user's" else os.chmod(path, 0o666)
+        if plant == "writable by others":
+            os.chmod(path, 0o666)
+        elif os.getuid() == 0:
+            os.chown(path, 4242, 4242)
+        else:
+            monkeypatch.setattr(os, "getuid", lambda uid=os.getuid(): uid + 1)
     capsys.readouterr()
     x2, _ = data.load(root, cache=cache)
+    monkeypatch.undo()
     assert torch.equal(x2, x)                                             # the images' own pixels, and no hang
     err = capsys.readouterr().err
     assert path in err and said in err and "decoding the images again" in err, err
@@ -447,8 +476,9 @@ def test_old_cache_files_are_pruned_and_nothing_else(tmp_path):
         return name
     used = [made(f"imagefolder-32px-{i:016x}.pt", i) for i in range(10)]          # used 0 to 9 hours ago
     stale = made(f"imagefolder-96px-{99:016x}.pt", 24 * 40)
-    kept = {made("notes.txt", 24 * 400), made(f"imagefolder-32px-{77:016x}.pt", 24 * 400, owner=4242),
-            made(f".imagefolder-32px-{5:016x}.pt.abcd1234.tmp", 1)}
+    kept = {made("notes.txt", 24 * 400), made(f".imagefolder-32px-{5:016x}.pt.abcd1234.tmp", 1)}
+    if os.getuid() == 0:                                  # (only root can give a file to another user)
+        kept.add(made(f"imagefolder-32px-{77:016x}.pt", 24 * 400, owner=4242))
     killed = made(f".imagefolder-32px-{6:016x}.pt.k2x9_a1q.tmp", 48)
     (tmp_path / "outside.pt").write_bytes(b"mine")
     os.symlink(tmp_path / "outside.pt", cache / f"imagefolder-32px-{88:016x}.pt")

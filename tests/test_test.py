@@ -421,8 +421,8 @@ def test_an_eval_json_that_cannot_be_written_still_prints_the_figures(trained, i
 
 
 class _Args:
-    data, stem, batch_size, optimizer, base_lr, weight_decay, tau_base, epochs, subset, train_flags = \
-        "data", "cifar", 8, "sgd", 0.1, 0.0, 0.99, 1, None, []
+    data, stem, batch_size, optimizer, base_lr, weight_decay, tau_base, epochs, subset, train_flags, cache_dir = \
+        "data", "cifar", 8, "sgd", 0.1, 0.0, 0.99, 1, None, [], None
 
 
 def test_side_by_side_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):

@@ -1,6 +1,7 @@
 """train.py: whole training runs as a user starts them: logs, checkpoints, the encoder, Ctrl-C and exact
 resume, the host syncs of the loop, --minutes, --stream and the ImageNet recipe."""
 import json
+import multiprocessing
 import os
 import signal
 
@@ -49,8 +50,9 @@ def test_training_logs_the_monitors_and_warns_once_on_collapse(image_root, tmp_p
 
 def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypatch):
     """Ctrl-C mid-epoch saves a checkpoint; --resume then ends on the same weights as a run that
-    was never stopped (same data order, same augmentations, same optimizer state)."""
-    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "2", *TINY]
+    was never stopped (same data order, same augmentations, same optimizer state). 2 epochs of 2 steps:
+    stopped after step 3, inside the second epoch."""
+    args = ["--data", str(image_root / "train"), "--subset", "16", "--epochs", "2", *TINY]
     straight = train.main([*args, "--out", str(tmp_path / "straight")])
 
     calls = []
@@ -62,7 +64,7 @@ def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
         return augment(self, x)
     monkeypatch.setattr(train.Augment, "__call__", interrupt_on_third_batch)
-    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/8"):
+    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/4"):
         train.main([*args, "--out", str(tmp_path / "stopped")])
     assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["step"] == 3
     monkeypatch.setattr(train.Augment, "__call__", augment)
@@ -70,12 +72,12 @@ def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypat
 
     a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
     b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
-    assert b["step"] == a["step"] == 8
+    assert b["step"] == a["step"] == 4
     for part in ("online", "target", "predictor", "probe"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), f"{part}.{k} differs after resume"
     steps = [json.loads(line)["step"] for line in open(tmp_path / "stopped" / "log.jsonl")]
-    assert steps == [2, 3, 4, 6, 8]
+    assert steps == [2, 3, 4]
 
 
 def test_batch_size_too_small_for_batchnorm(image_root):
@@ -162,8 +164,8 @@ def test_minutes_plans_a_whole_schedule_and_leaves_no_trace(image_root, tmp_path
 
 def test_streaming_path_trains_and_resumes(image_root, tmp_path, monkeypatch):
     """--stream: DataLoader workers decode and crop each batch from disk; the run logs, saves, stops on
-    Ctrl-C mid-epoch and resumes there with the same data order."""
-    args = ["--data", str(image_root / "train"), "--stream", "--subset", "32", "--epochs", "2", "--workers", "2",
+    Ctrl-C mid-epoch (step 3 of 2 epochs of 2 steps) and resumes there with the same data order."""
+    args = ["--data", str(image_root / "train"), "--stream", "--subset", "16", "--epochs", "2", "--workers", "2",
             "--out", str(tmp_path / "run"), *TINY]
     calls, augment = [], train.Augment.__call__
 
@@ -173,13 +175,14 @@ def test_streaming_path_trains_and_resumes(image_root, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return augment(self, x)
     monkeypatch.setattr(train.Augment, "__call__", interrupt_on_third_batch)
-    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/8"):
+    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/4"):
         train.main(args)
     assert all(isinstance(x, tuple) and x[0].shape == x[1].shape == (8, 3, 32, 32) for x in calls)
+    assert not multiprocessing.active_children()                    # the stopped run's workers ended with it
     train.main(["--resume", str(tmp_path / "run")])
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
-    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 3, 4, 6, 8]
-    assert len(calls) == 8                                          # steps 4 to 8 after the resume
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 3, 4]
+    assert len(calls) == 4                                          # step 4 alone after the resume
 
 
 def test_a_set_too_large_for_memory_names_stream_before_decoding(image_root):

@@ -216,7 +216,8 @@ def run_ours(args, seed, out):
            "--stem", args.stem, "--batch-size", str(args.batch_size), "--optimizer", args.optimizer,
            "--base-lr", str(args.base_lr), "--weight-decay", str(args.weight_decay), "--tau-base", str(args.tau_base),
            "--epochs", str(args.epochs), "--seed", str(seed), "--knn-every", "1", "--test-subset", "2000",
-           "--out", out, *(["--subset", str(args.subset)] if args.subset else []), *args.train_flags]
+           "--out", out, "--cache-dir", cache_dir(args.cache_dir),
+           *(["--subset", str(args.subset)] if args.subset else []), *args.train_flags]
     ckpt = os.path.join(out, "checkpoint.pt")
     saved = load_weights(ckpt) if os.path.isfile(ckpt) else {}
     done = isinstance(saved, dict) and saved.get("epoch") == args.epochs
