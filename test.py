@@ -29,9 +29,11 @@ from models import ARCHS, STEMS, resnet
 from machinery import data
 from machinery.devices import autocast, pick_device
 from machinery.evaluation import features, knn_accuracy
-from machinery.files import cache_dir, load_weights, quote, read_config, read_log, remove_temporaries, save_json
-from machinery.flags import number
-from machinery.runs import cli, newest_run
+from machinery.files import (cache_dir, kind_of, load_weights, quote, read_config, read_log, remove_temporaries,
+                             save_json)
+from machinery.flags import check_values, number
+from machinery.folders import check_eval_json, newest_run
+from machinery.runs import cli
 
 # Published CIFAR-10 results of BYOL with a ResNet-18 (the paper reports ImageNet only), for the
 # comparison printed after a CIFAR-10 resnet18 evaluation: (value, what and where).
@@ -47,12 +49,19 @@ PUBLISHED = {  # our figure that matches it like for like: (value, what and wher
 
 MAX_IMAGE_SIZE = 8192          # px, as train.py's --image-size: a typo must not decode absurdly large images
 RUN_TEXT_FILES = ("config.json", "log.jsonl", "eval.json", "lock")   # what else a run folder holds
+# What test.py builds from a run's config, and what it takes when the config lacks a key (an encoder.pt
+# alone): each value is checked as train.py's flag of that name (flags.check_values).
+RUN_DEFAULTS = dict(data=data.DEFAULT_ROOT, dataset="cifar10", arch="resnet18", image_size=32, stem=None,
+                    normalize="cifar10")
 
 
 def weights_file(path):
     """The file a run argument names: a weights file itself or, in a run folder, the newer of encoder.pt and
     checkpoint.pt. train.py writes checkpoint.pt first, so a run killed between the two (or one whose
     encoder.pt is lost) has the newest encoder inside its checkpoint; a note says when that one is used."""
+    if kind_of(path) not in (None, "a regular file", "a folder"):
+        raise SystemExit(f"error: {path} is {kind_of(path)}, not a run: pass a run folder (runs/<name>), its "
+                         f"checkpoint.pt or its encoder.pt")
     if os.path.isfile(path):
         if os.path.basename(path) in RUN_TEXT_FILES:
             raise SystemExit(f"error: {path} is a run's {os.path.basename(path)}, not its weights. Pass the run "
@@ -61,7 +70,12 @@ def weights_file(path):
     if not os.path.isdir(path):
         raise SystemExit(f"error: {path} does not exist. Pass a run folder (runs/<name>), its checkpoint.pt "
                          f"or its encoder.pt")
-    found = [f for f in (os.path.join(path, "encoder.pt"), os.path.join(path, "checkpoint.pt")) if os.path.isfile(f)]
+    weights = (os.path.join(path, "encoder.pt"), os.path.join(path, "checkpoint.pt"))
+    odd = [f for f in weights if kind_of(f) not in (None, "a regular file")]
+    if odd:
+        raise SystemExit(f"error: {odd[0]} is {kind_of(odd[0])}, not a file of weights; remove it, or pass the run's "
+                         f"other weights file")
+    found = [f for f in weights if os.path.isfile(f)]
     if not found:
         runs = sorted(e.path for e in os.scandir(path) if e.is_dir() and
                       any(os.path.isfile(os.path.join(e.path, f)) for f in ("encoder.pt", "checkpoint.pt")))
@@ -93,9 +107,10 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
     if bad:
         raise SystemExit(f"error: {path} holds NaN or Inf weights ({', '.join(bad[:3])}...): the run that "
                          f"wrote it diverged. Train again with a lower --base-lr.")
-    cfg = {**cfg, "arch": arch or cfg.get("arch", "resnet18"), "image_size": image_size or cfg.get("image_size", 32),
-           "stem": stem or cfg.get("stem")}
-    check_config(cfg, run_dir)
+    given = {k: v for k, v in dict(arch=arch, image_size=image_size, stem=stem).items() if v is not None}
+    check_values({**cfg, **given}, RUN_DEFAULTS, f"the config of {run_dir}", "Fix its config.json, or pass "
+                 "the flag of that name (--arch, --image-size, --stem, --data, --dataset).")
+    cfg = {**cfg, **{k: v for k, v in RUN_DEFAULTS.items() if cfg.get(k) is None}, **given}
     encoder, _ = resnet(cfg["arch"], cfg["image_size"], cfg["stem"])
     try:
         encoder.load_state_dict(state, strict=True)
@@ -105,20 +120,6 @@ def load_encoder(path, arch=None, image_size=None, stem=None):
                          f"--image-size and --stem to match the run).\n"
                          f"{str(e).splitlines()[0][:300]}")
     return encoder, cfg, run_dir
-
-
-def check_config(cfg, run_dir):
-    """The run's settings that test.py builds from, each one this project can build: a config edited by
-    hand, or from another project, is named rather than a traceback."""
-    for key, choices in dict(arch=ARCHS, stem=(None, *STEMS), normalize=tuple(STATS)).items():
-        if cfg.get(key, choices[0]) not in choices:
-            flag = f", or pass --{key}" if key != "normalize" else ""
-            raise SystemExit(f"error: the config of {run_dir} has {key} {cfg[key]!r}, not one of "
-                             f"{', '.join(map(str, choices))}: fix its config.json{flag}")
-    size = cfg["image_size"]
-    if type(size) is not int or not 8 <= size <= MAX_IMAGE_SIZE:
-        raise SystemExit(f"error: the config of {run_dir} has image_size {size!r}, not a number of px from 8 "
-                         f"to {MAX_IMAGE_SIZE}: fix its config.json, or pass --image-size")
 
 
 def train_linear(encoder, train_x, train_y, n_classes, device, epochs=100, lr=0.1, batch_size=256,
@@ -321,11 +322,12 @@ def main(argv=None):
                    help="draw README.assets/curves.png from the run's log.jsonl, and do nothing else")
     p.add_argument("--device", help="default: cuda when available")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
+    p.add_argument("--cache-dir", help="where decoded ImageFolders are kept (default: ~/.cache/byol-reproduction)")
     args = p.parse_args(argv)
 
     if args.plot:
         from tools.plots import draw_curves  # the one home of README.assets/ drawing
-        print(f"wrote {draw_curves(args.run or newest_run())}")
+        print(f"wrote {draw_curves(args.run or newest_run(names=('log.jsonl',)))}")
         return None
     device = pick_device(args.device)                        # before anything slow: --device foo fails at once
     torch.manual_seed(args.seed)
@@ -334,13 +336,14 @@ def main(argv=None):
         encoder, run_dir, args.run = resnet(cfg["arch"], cfg["image_size"], cfg["stem"])[0], None, "random-init"
     else:
         if args.run is None:
-            args.run = newest_run()
+            args.run = newest_run(names=("encoder.pt", "checkpoint.pt"))
         encoder, cfg, run_dir = load_encoder(args.run, args.arch, args.image_size, args.stem)
-    root, dataset = args.data or cfg.get("data", "data"), args.dataset or cfg.get("dataset", "cifar10")
+        check_eval_json(run_dir)                             # before any work: where the figures will go
+    root, dataset = args.data or cfg.get("data", data.DEFAULT_ROOT), args.dataset or cfg.get("dataset", "cifar10")
     if args.data is None and not os.path.exists(root) and os.path.normpath(root) != data.DEFAULT_ROOT:
         raise SystemExit(f"error: {args.run} was trained on {root} (its config), which is not here. Pass --data: "
                          f"the folder holding train/ and test/ ImageFolders (or the training one, test/ beside it)")
-    cache, size = cache_dir(run_dir), cfg["image_size"]
+    cache, size = cache_dir(args.cache_dir), cfg["image_size"]
     train_x, train_y = data.load(root, dataset, "train", size, args.subset, args.seed, cache)
     test_x, test_y = data.load(root, dataset, "test", size, args.test_subset, args.seed, cache)
     labelled = train_y >= 0                                  # STL-10's unlabeled part has label -1

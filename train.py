@@ -64,6 +64,7 @@ DEFAULTS = dict(
     workers=4,             # threads decoding an ImageFolder (once, then cached); --stream: DataLoader workers (0: none)
     stream=False,          # --stream: read an ImageFolder from disk every epoch, for sets larger than memory
     out=None,              # run directory; default runs/<time>-<dataset>-<arch>
+    cache_dir=None,        # decoded ImageFolders are kept here; default this user's ~/.cache/byol-reproduction
     recipe="cifar10",      # cifar10: this block | imagenet: the paper's (IMAGENET below) in its place
 )
 # The paper's own recipe, ImageNet with ResNet-50 (Sec. 3.3, Appendices B and J.1): --recipe imagenet puts

@@ -1,14 +1,30 @@
 """What each training step reads: the training set on the device as uint8 (with --stream, read from
 disk by DataLoader workers instead), one data order per epoch that every process shares, and this
-process's share of each global batch; and the labelled test split the monitors score."""
+process's share of each global batch; the labelled test split the monitors score; and the fingerprint
+of the training images that a resumed run checks."""
+import atexit
 import hashlib
 import os
+import signal
+from functools import partial
 
 import torch
 
 from machinery import data
 from machinery.devices import barrier, host_memory_available
-from machinery.files import cache_dir
+from machinery.files import UserError, cache_dir, first_line
+
+SAMPLED = 64  # files whose bytes enter an ImageFolder's fingerprint, beside every file's name and size
+
+
+class WorkerLost(UserError):
+    """A --stream DataLoader worker ended from outside (the out-of-memory killer, kill -9) while step `step`'s
+    batch was awaited: every step before it is whole, so its weights may be saved (runs.Run)."""
+
+    def __init__(self, step, why):
+        super().__init__(f"a --stream DataLoader worker ended from outside ({why}); the likely cause is memory: "
+                         f"lower --workers or --batch-size")
+        self.step, self.why = step, why
 
 
 class Batches:
@@ -31,7 +47,19 @@ class Batches:
         if self.cfg["stream"] and (i == 0 or self.loader is None):
             self.loader = stream_batches(self.images, self.perm, i, self.cfg, self.rank, self.world, self.device)
         batch = share_of(self.perm, i, self.cfg["batch_size"], self.rank, self.world)
-        return next(self.loader) if self.cfg["stream"] else self.images[batch], self.labels[batch]
+        if not self.cfg["stream"]:
+            return self.images[batch], self.labels[batch]
+        try:
+            return next(self.loader), self.labels[batch]
+        except WorkerLost as e:
+            e.step = step
+            raise
+
+    def close(self):
+        """Ends the --stream workers of the epoch under way (a run that stops mid-epoch)."""
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
 
     def random(self):
         """A batch of this process's size drawn at random from the images in memory (the --minutes trial)."""
@@ -52,14 +80,12 @@ def training_data(cfg, device, rank=0, world=1):
     if cfg["stream"]:
         files = data.folder_files(cfg["data"], subset=cfg["subset"], seed=cfg["seed"])
         labels = torch.tensor([label for _, label in files], device=device)
-        named = [(os.path.relpath(path, os.path.dirname(os.path.dirname(path))), size(path))
-                 for path, _ in files]                                    # class/file and size: not the content
-        return Batches(data.StreamingFolder(files, cfg["image_size"], (cfg["crop_min_scale"], 1)), labels, cfg, rank, world, device,
-                       digest(repr(named).encode())), None
+        return Batches(data.StreamingFolder(files, cfg["image_size"], (cfg["crop_min_scale"], 1)), labels, cfg, rank,
+                       world, device, fingerprint(files)), None
     check_fits(cfg, device)
     if rank > 0:
         barrier(world)
-    cache = cache_dir(cfg["out"])
+    cache = cache_dir(cfg["cache_dir"])
     images, labels = data.load(cfg["data"], cfg["dataset"], "train", cfg["image_size"], cfg["subset"],
                                cfg["seed"], cache=cache, workers=cfg["workers"])
     if len(images) < cfg["batch_size"]:
@@ -75,19 +101,27 @@ def training_data(cfg, device, rank=0, world=1):
             print(f"note: no kNN monitor, as there is no labelled test split ({str(e).splitlines()[0]})")
     if rank == 0:
         barrier(world)
-    return Batches(images.to(device), labels.to(device), cfg, rank, world, device, digest(images.contiguous().numpy())), test
+    folder = data.is_image_folder(cfg["data"]) or data.is_image_folder(os.path.join(cfg["data"], "train"))
+    made = fingerprint(data.folder_files(cfg["data"], subset=cfg["subset"], seed=cfg["seed"])) if folder else \
+        "pixels:" + hashlib.blake2b(images.contiguous().numpy(), digest_size=8).hexdigest()   # CIFAR's binaries
+    return Batches(images.to(device), labels.to(device), cfg, rank, world, device, made), test
 
 
-def size(path):
-    try:
-        return os.path.getsize(path)
-    except OSError as e:  # gone since it was listed
-        raise data.unreadable(path, e) from None
-
-
-def digest(data):
-    """16 hex digits of blake2b over bytes or an array's memory: what the training images are."""
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+def fingerprint(files):
+    """What an ImageFolder's training files [(path, label)] are, computed the same way by the in-memory and the
+    --stream path, so that a run resumes on either: every file's class/name and size, and the bytes of SAMPLED
+    files spread evenly over the list (cheap at ImageNet's size, where reading every file would take an epoch).
+    Names are taken from the class folder down: the same images moved elsewhere match."""
+    h, every = hashlib.blake2b(digest_size=8), max(1, len(files) // SAMPLED)
+    for i, (path, _) in enumerate(files):
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:  # gone since it was listed
+            raise data.unreadable(path, e) from None
+        h.update(repr((os.path.basename(os.path.dirname(path)), os.path.basename(path), size)).encode())
+        if i % every == 0:
+            h.update(data.read_bytes(path))
+    return "files:" + h.hexdigest()
 
 
 def check_fits(cfg, device):
@@ -126,15 +160,47 @@ def stream_batches(dataset, perm, start, cfg, rank, world, device):
     process's share of every global batch of the epoch's order `perm` from step `start` on, and take
     two random resized crops of each; pinned, then copied to the device without blocking. The order
     is the shared epoch_order, not a DistributedSampler's, so a run resumes in the middle of an epoch.
-    An image a worker cannot read ends the run with data.py's one-paragraph DataError naming it."""
+    An image a worker cannot read ends the run with data.py's one-paragraph DataError naming it. The
+    workers end with the generator (closed, finished, or at exit: end_workers)."""
     order = perm.cpu()
     shares = [share_of(order, i, cfg["batch_size"], rank, world).tolist()
               for i in range(start, len(order) // cfg["batch_size"])]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, num_workers=cfg["workers"],
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_signals)
+    batches = iter(loader)
+    ending = partial(end_workers, getattr(batches, "_workers", []))   # (torch's worker processes)
+    atexit.register(ending)
+    if cfg["workers"]:  # torch's SIGCHLD handler raises where the main process happens to be, mid-step;
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # without it, a lost worker is found below, between steps
     try:
-        for crops1, crops2 in loader:
+        for crops1, crops2 in batches:
             yield crops1.to(device, non_blocking=True), crops2.to(device, non_blocking=True)
     except data.DataError as e:  # from a worker, its message is "Caught DataError in DataLoader worker process
         # N.\nOriginal Traceback ...\nmachinery.data.DataError: <ours>\n" (torch/_utils.py, ExceptionWrapper.reraise)
         raise data.DataError(str(e).rpartition(f"\n{data.__name__}.DataError: ")[2].strip()) from None
+    except RuntimeError as e:  # "DataLoader worker (pid(s) N) exited unexpectedly" (torch's _try_get_data)
+        if "DataLoader worker" not in str(e):
+            raise
+        codes = [w.exitcode for w in getattr(batches, "_workers", []) if w.exitcode]
+        signals = [signal.Signals(-c).name for c in codes if -c in signal.valid_signals()]
+        raise WorkerLost(None, first_line(e) + (f", by {', '.join(signals)}" if signals else "")) from None
+    finally:
+        ending()
+        atexit.unregister(ending)
+
+
+def end_workers(workers):
+    """Ends --stream workers at once (SIGKILL; they hold nothing to save). They ignore SIGTERM (ignore_signals),
+    which is how DataLoader and multiprocessing's own exit handler end them, so without this a process that
+    stops mid-epoch would wait for them forever as it exits."""
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+        w.join()
+
+
+def ignore_signals(worker_id):
+    """A --stream worker ignores Ctrl-C and SIGTERM, which a terminal, SLURM or torchrun send to every process
+    of the job: the main process alone decides to stop, saves a checkpoint at the signal, and ends its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -57,21 +57,23 @@ def state_tensors(*objects):
     return out
 
 
-def fit_epochs(minutes, steps_per_epoch, knn_every, step_s, check_s, save_s, save_minutes=0):
-    """The most epochs (at least 1) whose steps, checkpoints (at the end of an epoch once save_minutes
-    have passed, or of every epoch for 0, and at the end) and test-split checks (every knn_every epochs
-    and at the end) fit in `minutes`. Returns (epochs, their planned seconds)."""
+def fit_epochs(minutes, steps_per_epoch, knn_every, step_s, check_s, save_s, save_minutes=0, most=10**6):
+    """The most epochs (at least 1, at most `most`: --epochs' own bound, so that the run's config passes the
+    flag's checks on --resume) whose steps, checkpoints (at the end of an epoch once save_minutes have passed,
+    or of every epoch for 0, and at the end) and test-split checks (every knn_every epochs and at the end)
+    fit in `minutes`. Returns (epochs, their planned seconds)."""
     def cost(epochs):
         checks = -(-epochs // knn_every) if knn_every and check_s else 0  # ceil: every knn_every, and the end
         steps = epochs * steps_per_epoch * step_s
         saves = min(epochs, 1 + int(steps // (60 * save_minutes))) if save_minutes else epochs
         return steps + saves * save_s + checks * check_s
     low, high = 1, 2                               # cost rises with the epochs: double, then halve the gap
-    while cost(high) <= 60 * minutes:
+    while cost(high) <= 60 * minutes and high <= most:
         low, high = high, 2 * high
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if cost(middle) <= 60 * minutes else (low, middle)
+    low = min(low, most)
     return low, cost(low)
 
 

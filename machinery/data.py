@@ -8,14 +8,18 @@ An ImageFolder is one sub-folder per class, sorted by name as torchvision's; hid
 (.ipynb_checkpoints/, ._x.jpg) are skipped. A test split is labelled by the class names of its
 training split. Any PIL image mode is read; 16-bit and float images are scaled to 0..255 (to_rgb).
 The cache holds a digest of each file's bytes, checked at every start, so images replaced under the
-same names are decoded again. A link in the folder that leads nowhere is a DataError naming it.
+same names are decoded again. A link in the folder that leads nowhere is a DataError naming it; so is an
+image that is no regular file (a FIFO, a device) or larger than MAX_IMAGE_BYTES. The cache lives in this
+user's own folder (files.cache_dir) and is read only when it is this user's file.
 """
 import errno
 import hashlib
 import io
 import os
+import re
 import stat
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -26,13 +30,18 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from machinery.files import SaveError, UserError, cache_dir, save_atomic
+from machinery.files import (NotRegular, SaveError, UserError, cache_dir, kind_of, open_to_read, save_atomic,
+                             special_files)
 
 DATASETS = ("cifar10", "cifar100", "stl10")
 DEFAULT_ROOT = "data"  # torchvision downloads here
 TORCHVISION_FOLDERS = ("cifar-10-batches-py", "cifar-100-python", "stl10_binary")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 DIGEST_BYTES = 16  # blake2b of each file's bytes, kept in the cache
+MAX_IMAGE_BYTES = 256 * 2**20  # no image file is larger: a bound on every read (a link to /dev/zero never ends)
+CACHE_FILE = re.compile(r"imagefolder-\d+px-[0-9a-f]{16}\.pt")  # load_folder's cache names
+CACHE_TEMPORARY = re.compile(r"\.imagefolder-\d+px-[0-9a-f]{16}\.pt\.[a-z0-9_]{8}\.tmp")  # a killed write's
+KEEP_CACHES, CACHE_DAYS = 8, 30  # the cache folder keeps the 8 caches used last, none unused for 30 days
 
 NO_DATA = """\
 Could not load {what}: {why}
@@ -53,9 +62,11 @@ def class_names(folder):
     return sorted(e.name for e in visible(folder) if is_dir(e))
 
 
-def image_files(folder):
-    """The image files of one class folder, sorted; hidden files and sub-folders skipped."""
-    return sorted(e.name for e in visible(folder) if e.name.lower().endswith(IMAGE_EXTENSIONS) and not is_dir(e))
+def class_contents(folder):
+    """(The image files of one class folder, sorted, hidden ones skipped; the sub-folders in it, not read)."""
+    entries = [(e.name, is_dir(e)) for e in visible(folder)]
+    return (sorted(name for name, folder in entries if name.lower().endswith(IMAGE_EXTENSIONS) and not folder),
+            sorted(name for name, folder in entries if folder))
 
 
 def visible(folder):
@@ -79,7 +90,7 @@ def is_dir(entry):
 
 def is_image_folder(path):
     """True when path holds one sub-folder per class, with images in them."""
-    return os.path.isdir(path) and any(image_files(os.path.join(path, c)) for c in class_names(path))
+    return os.path.isdir(path) and any(class_contents(os.path.join(path, c))[0] for c in class_names(path))
 
 
 def folder_split(root, split):
@@ -103,7 +114,7 @@ def load(data, dataset="cifar10", split="train", image_size=32, subset=None, see
     data: a directory. If it is (or holds train/ and test/) ImageFolders, they are read, every split
     labelled by the class names of the training split; otherwise torchvision's `dataset` is
     downloaded into it. subset: a fixed random subset of that many images, the same for a given
-    seed. cache: where a decoded ImageFolder is kept (default runs/.cache).
+    seed. cache: where a decoded ImageFolder is kept (default: this user's, files.cache_dir).
     STL-10's training split is 'unlabeled' + 'train' (labels -1 for the unlabeled part), as used
     for pretraining.
     """
@@ -135,7 +146,8 @@ def not_a_folder(path):
                 "the folder it makes)")
     if os.path.islink(path):
         return "is a symbolic link that leads to no folder (to nothing, or in a loop back to itself)"
-    return "does not exist"
+    what = kind_of(path)
+    return f"is {what}, not a folder" if what else "does not exist"
 
 
 def check_download_root(root, dataset):
@@ -166,6 +178,10 @@ def load_torchvision(root, dataset, split):
     if dataset not in DATASETS:
         raise DataError(f"Unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}, "
                         f"or point --data at an ImageFolder directory.")
+    odd = [f for name in TORCHVISION_FOLDERS for f in special_files(os.path.join(root, name))]
+    if odd:  # torchvision reads (and hashes) its files on trust: a FIFO would hang it, a device never end
+        raise DataError(f"Cannot read {odd[0]!r}: it is {kind_of(odd[0])}, not a file of {dataset}. Remove it; "
+                        f"torchvision then downloads the file again.")
     try:
         if dataset == "stl10":
             stl_split = "train+unlabeled" if split == "train" else "test"
@@ -197,17 +213,25 @@ def load_folder(root, image_size, subset, seed, cache, workers, train=None):
     if cached is not None:
         changed = (digest_tensor([digest(read_bytes(f)) for f in paths]) != cached[2]).any(1).nonzero().flatten()
         if len(changed) == 0:
+            touch(path)                                  # used now: prune_cache keeps the caches used last
             return cached[:2]
         print(f"note: {len(changed)} of the {len(paths)} images in {root} changed since they were cached "
               f"(such as {paths[changed[0]]}); decoding them again", file=sys.stderr)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         images, digests = zip(*pool.map(partial(decode, image_size=image_size), paths))
+    finally:  # Ctrl-C or a bad image: the queued decodes are dropped, not waited for
+        pool.shutdown(wait=False, cancel_futures=True)
     images, labels = torch.stack(images), torch.tensor([c for _, c in files], dtype=torch.int64)
     try:
-        os.makedirs(cache, exist_ok=True)
-        save_atomic((images, labels, digest_tensor(digests)), path)
+        os.makedirs(cache, mode=0o700, exist_ok=True)  # a new cache folder: this user's alone
+        save_atomic((images, labels, digest_tensor(digests)), path, mode=0o600)
     except (SaveError, OSError) as e:  # the cache only saves time: go on without it
         print(f"note: the decoded images are not cached ({e})", file=sys.stderr)
+    try:
+        prune_cache(cache)
+    except OSError:                    # (a file another run removed first, a folder gone): pruned next time
+        pass
     return images, labels
 
 
@@ -220,26 +244,66 @@ def labelled_files(root, train):
         raise DataError(f"The classes {', '.join(unknown)} of {root!r} are not in the training split "
                         f"{train!r}, so they have no label there. Remove them from {root!r}, or add them to "
                         f"the training split and train again.")
-    return [(os.path.join(root, c, f), index[c]) for c in class_names(root)
-            for f in image_files(os.path.join(root, c))]
+    contents = {c: class_contents(os.path.join(root, c)) for c in class_names(root)}
+    nested = [os.path.join(root, c, sub) for c, (_, subs) in contents.items() for sub in subs]
+    if nested and root not in NOTED:
+        NOTED.add(root)
+        print(f"note: {len(nested)} folder(s) inside the class folders of {root} are not read, nor the images in "
+              f"them (such as {nested[0]}): a class is the images directly in its folder. Move them up a level "
+              f"to train on them.", file=sys.stderr)
+    return [(os.path.join(root, c, f), index[c]) for c, (names, _) in contents.items() for f in names]
+
+
+NOTED = set()  # the ImageFolders whose nested folders have been noted (once per process)
 
 
 def read_cache(path, n, image_size):
     """The decoded (images, labels, digests) cached at path, or None when there is none or it cannot be
-    used: cut short, not the n images, labels and digests expected, or a pickle that weights_only=True
-    refuses."""
+    used: not a regular file of this user's that only this user can write (another user's file, a link, a
+    FIFO: files.open_to_read, private), cut short, not the n images, labels and digests expected, or a
+    pickle that weights_only=True refuses."""
+    why = "it could not be read"
     try:
-        cached = torch.load(path, weights_only=True)
+        with open_to_read(path, follow=False, private=True) as f:
+            cached = torch.load(f, weights_only=True)
         if [(t.dtype, t.shape) for t in cached] == [(torch.uint8, (n, 3, image_size, image_size)),
                                                    (torch.int64, (n,)), (torch.uint8, (n, DIGEST_BYTES))]:
             return cached
     except (FileNotFoundError, NotADirectoryError):  # no cache yet, or removed while we looked
         return None
+    except NotRegular as e:
+        why = f"it is not used, as {e.why}"
     except Exception:
         pass
-    print(f"note: the data cache at {path} could not be read; decoding the images again to rebuild it",
+    print(f"note: the data cache at {path} could not be read ({why}); decoding the images again to rebuild it",
           file=sys.stderr)
     return None
+
+
+def touch(path):
+    """Marks a cache file as used now (its modification time), where the file system allows it."""
+    try:
+        os.utime(path, follow_symlinks=False)
+    except OSError:
+        pass
+
+
+def prune_cache(cache, keep=KEEP_CACHES, days=CACHE_DAYS):
+    """Bounds the cache folder, at each write: of this project's cache files there (regular files of this
+    user, named as load_folder names them), those not among the `keep` used last (their modification
+    times: a hit touches its file) or unused for `days` days are removed, and so is a killed write's
+    temporary file over a day old. Nothing else in the folder is touched."""
+    now, mine = time.time(), []
+    for entry in os.scandir(cache):
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+            if CACHE_FILE.fullmatch(entry.name):
+                mine.append((st.st_mtime, entry.path))
+            elif CACHE_TEMPORARY.fullmatch(entry.name) and now - st.st_mtime > 86400:
+                os.remove(entry.path)
+    for i, (used, path) in enumerate(sorted(mine, reverse=True)):
+        if i >= keep or now - used > days * 86400:
+            os.remove(path)
 
 
 def decode(file, image_size):
@@ -253,12 +317,21 @@ def decode(file, image_size):
 
 
 def read_bytes(file):
-    """What a file holds; one that cannot be read (gone, a link loop, no permission) is a DataError."""
+    """What an image file holds; one that cannot be read (gone, a link loop, no permission), that is no
+    regular file (a FIFO, a device: files.open_to_read) or that holds more than MAX_IMAGE_BYTES is a
+    DataError naming it."""
     try:
-        with open(file, "rb") as f:
-            return f.read()
+        with open_to_read(file) as f:
+            blob = f.read(MAX_IMAGE_BYTES + 1)
+    except NotRegular as e:
+        raise DataError(f"Cannot read image {file!r}: {e.why}, not an image file. Remove it, or replace it with "
+                        f"the image it stands for.") from None
     except OSError as e:
         raise unreadable(file, e) from None
+    if len(blob) > MAX_IMAGE_BYTES:
+        raise DataError(f"Cannot read image {file!r}: it holds more than {MAX_IMAGE_BYTES / 2**20:g} MiB, the most "
+                        f"an image file may hold here. Remove it, or replace it with a smaller image.")
+    return blob
 
 
 def rgb(blob, file):

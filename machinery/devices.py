@@ -4,6 +4,7 @@ channels_last on CUDA, torch.compile). Decided here, once, so that Algorithm 1's
 import builtins
 import ctypes
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,21 @@ def pick_device(name=None):
     if device.type == "cpu":
         keep_freed_memory()
     return device
+
+
+def compiler_missing(name=None):
+    """For --compile, before any work: why torch.compile cannot build its kernels on the device `name`
+    (None: the one pick_device takes), or None when it can. On the CPU, inductor compiles C++ with $CXX or
+    g++; on CUDA, Triton builds its launchers with $CC, gcc or clang. Without one, compiling fails at the
+    first step, after a long wait, in a traceback."""
+    cuda = (name or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    names = [os.environ.get("CC")] if cuda and os.environ.get("CC") else ["gcc", "clang"] if cuda else \
+        [os.environ.get("CXX") or "g++"]
+    if any(shutil.which(n) for n in names):
+        return None
+    return (f"--compile needs a {'C' if cuda else 'C++'} compiler to build its kernels ({' or '.join(names)}), and "
+            f"none is on PATH here. Install one (e.g. apt install {'gcc' if cuda else 'g++'}), set "
+            f"{'CC' if cuda else 'CXX'} to one, or leave out --compile.")
 
 
 def start_processes(name=None):

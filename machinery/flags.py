@@ -5,11 +5,14 @@ import math
 import os
 import time
 
+import torch
+
 from augment import STATS
 from models import ARCHS, STEMS
 from machinery import data
-from machinery.files import RUNS, quote
-from machinery.runs import check_writable, load_checkpoint, run_files
+from machinery.devices import compiler_missing
+from machinery.files import RUNS, UserError, quote, read_config
+from machinery.folders import MARK, check_writable, is_run_folder, load_checkpoint, new_run_check, run_files
 
 CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
                tau_schedule=("cosine", "constant"), normalize=tuple(STATS))
@@ -33,6 +36,7 @@ def number(kind, low=-math.inf, high=math.inf, above=False, below=False, why="")
             raise argparse.ArgumentTypeError(f"must be {' and '.join(filter(None, (low_part, high_part)))}, "
                                              f"not {text}{why}")
         return value
+    parse.kind = kind
     return parse
 
 
@@ -49,7 +53,52 @@ TYPES = dict(image_size=number(int, 8, 8192), subset=number(int, 1), test_subset
 
 # What a resumed run may change: how it runs and reports, not what its saved state means.
 RESUMABLE = ("epochs", "data", "device", "compile", "cuda_graph", "log_every", "save_minutes", "knn_every",
-             "test_subset", "collapse_z_std", "workers", "stream", "out")
+             "test_subset", "collapse_z_std", "workers", "stream", "out", "cache_dir")
+
+
+def check_values(cfg, defaults, where, fix, choices=CHOICES):
+    """Every value of cfg (a config.json, or a checkpoint's config) whose key is a flag of `defaults`, checked
+    as the command line checks that flag: its type and bounds (TYPES), its list of choices (archs, stems,
+    normalisations, ...), true or false for a switch. A config edited by hand or from elsewhere is a UserError
+    naming `where` and the key, not a traceback or a run that trains on nonsense."""
+    for key, default in defaults.items():
+        value = cfg.get(key)
+        if key not in cfg or value is None and default is None:
+            continue
+        check = TYPES.get(key, number(float) if type(default) is float else None)
+        if isinstance(default, bool) or key == "blur":
+            why = None if isinstance(value, bool) else "not true or false"
+        elif check is not None:
+            why = None if type(value) is check.kind or check.kind is float and type(value) is int else \
+                f"not {'an integer' if check.kind is int else 'a number'}"
+            try:
+                if why is None:
+                    check(repr(value))
+            except argparse.ArgumentTypeError as e:
+                why = str(e)
+        elif key in choices:
+            why = None if isinstance(value, str) and value in choices[key] else f"not one of {', '.join(choices[key])}"
+        else:
+            why = None if isinstance(value, str) and value else "not a name or a path"
+        if why:
+            raise UserError(f"{where} has {key} {value!r}: {why}. {fix}")
+
+
+def check_checkpoint(ckpt, path, cfg):
+    """A checkpoint's own fields, checked before anything is written: perm is a permutation of the training
+    images (as many as --batch-size at least), step a whole number of steps from 0 to the end of the run its
+    config describes, seconds a finite number of seconds. (The weights and the optimizer's state are checked
+    as they load: runs.Run.restore.)"""
+    perm, step, seconds = ckpt["perm"], ckpt["step"], ckpt.get("seconds", 0.0)
+    n = len(perm) if torch.is_tensor(perm) and perm.dim() == 1 and perm.dtype == torch.int64 else 0
+    wrong = ("perm", "not an order of the training images") if n < cfg["batch_size"] or not torch.equal(
+        perm.sort().values, torch.arange(n)) else \
+        ("step", f"not a step of the run (0 to {cfg['epochs'] * (n // cfg['batch_size'])})") if type(step) is not int \
+        or not 0 <= step <= cfg["epochs"] * (n // cfg["batch_size"]) else \
+        ("seconds", "not a time") if type(seconds) not in (int, float) or not 0 <= seconds < math.inf else None
+    if wrong:
+        raise UserError(f"{path} is damaged: its {wrong[0]} is {wrong[1]}. It cannot be resumed; start a new run, "
+                        f"or evaluate the run's encoder.pt.")
 
 
 def parse(argv, defaults, recipes, doc):
@@ -79,6 +128,8 @@ def configure(argv, defaults, recipes, doc):
     before any data is decoded: the run directory can be written, a new run does not land in an old
     one, and a resumed run keeps the recipe its saved state means."""
     cfg, explicit, resume = parse(argv, defaults, recipes, doc)
+    if cfg["compile"] and compiler_missing(cfg["device"]):
+        raise SystemExit(f"error: {compiler_missing(cfg['device'])}")
     if cfg["stream"] and cfg["minutes"]:
         raise SystemExit("error: --minutes times the in-memory path; with --stream, give --epochs")
     if cfg["cuda_graph"] and (cfg["stream"] or int(os.environ.get("WORLD_SIZE", 1)) > 1):
@@ -89,14 +140,7 @@ def configure(argv, defaults, recipes, doc):
             else cfg["dataset"]
         cfg["out"] = cfg["out"] or os.path.join(RUNS, f"{time.strftime('%Y%m%d-%H%M%S')}-{source}-{cfg['arch']}")
         check_writable(cfg["out"])
-        found = run_files(cfg["out"])
-        if {"checkpoint.pt", "encoder.pt"} & set(found):
-            raise SystemExit(f"error: {cfg['out']} already holds a run ({', '.join(found)}). "
-                             f"Continue it with: python train.py --resume {quote(cfg['out'])}\n"
-                             f"or start the new run in another --out (or delete that folder first).")
-        if found:
-            print(f"note: {cfg['out']} holds a run that stopped before its first checkpoint ({', '.join(found)}); "
-                  f"this run starts it again and replaces those files")
+        new_run_check(cfg["out"])
         return cfg, None
     if "minutes" in explicit:
         raise SystemExit("error: --minutes plans a new run's schedule; a resumed run keeps its own "
@@ -106,13 +150,19 @@ def configure(argv, defaults, recipes, doc):
         raise SystemExit(f"error: the config inside {path} is damaged (it lacks the batch size or the epochs), "
                          f"so the run cannot continue exactly. Start a new run, or evaluate its encoder.pt.")
     saved = {**defaults, "lars_clip": False, **ckpt["config"]}  # (runs saved before --lars-clip: unclipped)
+    check_values(saved, defaults, f"the config inside {path}", "The run cannot continue from it: start a new run, or "
+                 "evaluate its encoder.pt.", {**CHOICES, "recipe": tuple(recipes)})
+    check_older_run(os.path.dirname(path))
     changed = [f"--{k.replace('_', '-')} {v} (the run's: {saved.get(k)})" for k, v in explicit.items()
                if k not in RESUMABLE and v != saved.get(k)]
     if changed:
         raise SystemExit(f"error: a resumed run keeps the recipe its checkpoint was trained with, and these "
                          f"flags would change it: {'; '.join(changed)}. Resume without them, or start a new "
                          f"run with them in another --out.")
+    check_checkpoint(ckpt, path, saved)
     cfg = {**saved, "device": None, **explicit, "out": os.path.dirname(path)}
+    if cfg["compile"] and compiler_missing(cfg["device"]):   # (the run's own --compile)
+        raise SystemExit(f"error: {compiler_missing(cfg['device'])}")
     steps_per_epoch = len(ckpt["perm"]) // cfg["batch_size"]
     done = f"{cfg['out']} is at step {ckpt['step']} ({ckpt['step'] / steps_per_epoch:g} epochs)"
     if ckpt["step"] >= cfg["epochs"] * steps_per_epoch:
@@ -123,3 +173,21 @@ def configure(argv, defaults, recipes, doc):
               f"(N > {cfg['epochs']}), or evaluate it with: python test.py {quote(cfg['out'])}")
         raise SystemExit(0)
     return cfg, ckpt
+
+
+def check_older_run(out):
+    """A resumed run writes into its checkpoint's folder: a run of ours (its MARK), one saved before the MARK
+    existed (a config.json with train.py's keys), or a folder that holds the checkpoint and none of the other
+    names a run writes. Anywhere else a config.json, log.jsonl, lock or encoder.pt is a user's, which the
+    resume would replace or trim: refused, and left as it is."""
+    try:
+        cfg = read_config(out)
+    except UserError:
+        cfg = None
+    if is_run_folder(out) or cfg and {"arch", "batch_size", "epochs", "base_lr"} <= cfg.keys():
+        return
+    found = run_files(out, ("config.json", "log.jsonl", "lock", "encoder.pt"))
+    if found:
+        raise SystemExit(f"error: {out} holds {', '.join(found)}, which train.py did not write there (it is no run "
+                         f"of ours: no config.json with the \"{MARK}\" mark), so resuming there would replace them. "
+                         f"Move the checkpoint into a folder of its own and resume there.")

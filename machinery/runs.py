@@ -1,31 +1,25 @@
 """A run's life on disk. runs/<name>/ holds config.json (the resolved recipe), checkpoint.pt
 (everything needed to resume), encoder.pt (the online encoder alone), log.jsonl (one line per log
 interval), eval.json (test.py's figures) and lock. Run is one training's hold on its folder, from the
-lock to the last message: new or resumed, log lines, checkpoints, Ctrl-C and SIGTERM, the NaN guard.
-cli() is how each script ends on an expected mistake: a message and a non-zero exit, no traceback."""
+lock to the last message: new or resumed, log lines, checkpoints, Ctrl-C and SIGTERM, the NaN guard,
+a lost --stream worker. cli() is how each script ends on an expected mistake: a message and a non-zero
+exit, no traceback. Whose a folder is, the lock and the leftovers: folders.py."""
 import errno
-import fcntl
 import json
 import math
 import os
-import re
-import shutil
 import signal
-import socket
-import stat
 import tempfile
 import time
 
 import torch
 from tqdm import tqdm
 
+from machinery.batches import WorkerLost
 from machinery.devices import any_process, end_processes
-from machinery.files import (RUNS, UserError, first_line, load_weights, open_to_append, quote, read_log, refuse_link,
-                   remove_temporaries, save_atomic, save_json, save_lines)
-
-CHECKPOINT_KEYS = ("online", "target", "predictor", "optimizer", "step", "perm", "rng", "config")
-RUN_FILES = ("checkpoint.pt", "encoder.pt", "config.json", "log.jsonl")
-SCRATCH = re.compile(r"\.time-trial-[a-z0-9_]{8}")  # --minutes' scratch folders (tempfile.mkdtemp's names)
+from machinery.files import UserError, first_line, open_to_append, quote, save_atomic, save_json
+from machinery.folders import (FORMAT, MARK, RUN_FILES, drop_lock, is_run_folder, lock, new_run_check,
+                               remove_leftovers, trim_log)
 
 
 class Diverged(Exception):
@@ -33,48 +27,68 @@ class Diverged(Exception):
 
 
 class Run:
-    """One training's hold on its run folder, as a context manager. On entry (the process that writes,
-    rank 0): the folder is made and locked, a killed run's leftovers removed and, on resume, the log
-    lines after the checkpoint dropped. begin() restores the checkpoint and starts the log, the progress
-    bar and the signal handlers; the loop then asks log_due / save_due and calls log / save. On exit:
-    "Done", or why it stopped and how to continue, or, after a NaN, which checkpoint is kept."""
+    """One training's hold on its run folder, as a context manager. On entry: a resumed run's checkpoint
+    is loaded into memory (refused, before anything is written, when it does not fit or is not finite),
+    Ctrl-C and SIGTERM are taken, and the process that writes (rank 0) makes, locks and cleans the folder
+    and marks it as ours (config.json's MARK). begin() starts the log, the progress bar and the clock; the
+    loop then asks log_due / save_due and calls log / save. On exit: "Done", or why it stopped and how to
+    continue, or, after a NaN or a lost --stream worker, which checkpoint is kept."""
 
     def __init__(self, cfg, ckpt, model, optimizer, monitor, batches, device, rank=0, world=1):
         self.cfg, self.ckpt, self.model, self.optimizer, self.monitor = cfg, ckpt, model, optimizer, monitor
         self.batches, self.device, self.rank, self.world = batches, device, rank, world
         self.master, self.out = rank == 0, cfg["out"]
         self.signals, self.stopping, self.step, self.lr, self.bar, self.log_file = [], False, 0, 0.0, None, None
-        self.held, self.handlers, self.shown, self.saving = None, {}, {}, False
+        self.held, self.handlers, self.shown, self.saving, self.seconds, self.fresh = None, {}, {}, False, 0.0, False
 
     def __enter__(self):
         trained_on = ((self.ckpt or {}).get("config") or {}).get("data_fingerprint")
-        if trained_on and trained_on != self.batches.fingerprint:
+        if isinstance(trained_on, str) and ":" not in trained_on:   # (runs saved before "files:" and "pixels:")
+            print("note: this run's checkpoint fingerprints its images in an older way, so they are not checked")
+        elif trained_on and trained_on != self.batches.fingerprint:
             raise SystemExit(f"error: the images in --data {quote(self.cfg['data'])} are not the ones {self.out} "
-                             f"was trained on (same count, other content): resume with the run's own data.")
-        self.cfg["data_fingerprint"] = self.batches.fingerprint
-        if self.master:  # once the data is there: a failed start leaves no run
-            os.makedirs(self.out, exist_ok=True)
-            self.held = lock(self.out)
-            found = run_files(self.out)
-            if not self.ckpt and {"checkpoint.pt", "encoder.pt"} & set(found):
-                raise SystemExit(f"error: another training wrote a run into {self.out} while this one was "
-                                 f"starting; pass another --out")
-            if found:  # a run of ours: to resume, or to start again (it stopped before its first checkpoint)
-                remove_leftovers(self.out)
-            log = os.path.join(self.out, "log.jsonl")
-            if self.ckpt:
-                trim_log(log, self.ckpt["step"])
-            elif os.path.isfile(log) and not os.path.islink(log):
-                os.remove(log)                       # the log of the attempt that saved nothing
-            save_json(self.cfg, os.path.join(self.out, "config.json"))  # a run of ours from here on
+                             f"was trained on (other names, sizes or content): resume with the run's own data.")
+        self.cfg["data_fingerprint"], self.cfg[MARK] = self.batches.fingerprint, FORMAT
+        if self.ckpt:
+            self.restore(self.ckpt)                          # into memory only: nothing is written yet
+        for signum in (signal.SIGINT, signal.SIGTERM):       # a signal from here on is noted, then saved at
+            self.handlers[signum] = signal.signal(signum, self.on_signal)
+        try:
+            if self.master:  # once the data is there: a failed start leaves no run
+                self.claim()
+        except BaseException:
+            if self.held is not None and self.fresh and not is_run_folder(self.out):
+                drop_lock(self.held, self.out)               # ours alone: a lock left would refuse the next run
+            self.release()
+            raise
         return self
 
-    def begin(self, total_steps):
-        """Restores the checkpoint (a new run starts at 0), writes config.json, opens the log, starts the
-        progress bar and takes Ctrl-C and SIGTERM. Returns the first step."""
-        self.total_steps, seconds = total_steps, 0.0
+    def claim(self):
+        """Makes and locks the run folder, re-checks under the lock that a new run clashes with nothing (another
+        start, a user's files), removes a killed run's leftovers (only in a run folder of ours), drops the log
+        lines past the checkpoint, and writes config.json with its MARK, and encoder.pt from the checkpoint (a
+        kill between the two saves of an epoch leaves encoder.pt one epoch behind)."""
+        os.makedirs(self.out, exist_ok=True)
+        ours = bool(self.ckpt) or is_run_folder(self.out)  # (a resumed run's checkpoint shows whose folder it is)
+        self.held, self.fresh = lock(self.out, ours), not ours    # fresh: made here, new (O_EXCL)
+        if not self.ckpt:   # again, under the lock (ours, so not among the names): another start, a user's files
+            new_run_check(self.out, quiet=True, names=RUN_FILES)
+        if ours:
+            remove_leftovers(self.out)
+        log = os.path.join(self.out, "log.jsonl")
         if self.ckpt:
-            self.step, seconds = self.restore(self.ckpt)
+            trim_log(log, self.ckpt["step"])
+        elif ours and os.path.isfile(log) and not os.path.islink(log):
+            os.remove(log)                       # the log of the attempt that saved nothing
+        save_json(self.cfg, os.path.join(self.out, "config.json"))  # a run of ours from here on
+        if self.ckpt:
+            save_atomic(self.model.online.encoder.state_dict(), os.path.join(self.out, "encoder.pt"))
+
+    def begin(self, total_steps):
+        """Starts at the restored step (0 for a new run): config.json rewritten (--minutes' plan), the log
+        opened, the progress bar and the clock started. A signal noted since the start (during the --minutes
+        trial) stops the run before its first step. Returns the first step."""
+        self.total_steps = total_steps
         if self.world > 1:  # each process draws its own augmentations (the data order is shared: epoch_order)
             torch.manual_seed(self.cfg["seed"] + 1_000_003 * self.step + self.rank)
         self.saved_step, self.saved_at = self.step, time.perf_counter()
@@ -84,9 +98,8 @@ class Run:
             self.log_file = open_to_append(os.path.join(self.out, "log.jsonl"))
         self.bar = tqdm(total=total_steps, initial=self.step, desc=os.path.basename(self.out), unit="step",
                         dynamic_ncols=True, disable=not self.master)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.handlers[signum] = signal.signal(signum, self.on_signal)
-        self.t_start = time.perf_counter() - seconds                    # seconds of training, resumes included
+        self.t_start = time.perf_counter() - self.seconds               # seconds of training, resumes included
+        self.stopping = any_process(bool(self.signals), self.world, self.device)
         return self.step
 
     def end_of_epoch(self, step):
@@ -171,9 +184,8 @@ class Run:
                 self.write(scratch, 0)
 
     def restore(self, ckpt):
-        """Loads a checkpoint's weights, optimizer, probe, data order and RNG state, and rewrites encoder.pt
-        from it (a kill between the two saves of an epoch leaves encoder.pt one epoch behind). Returns
-        (step, the seconds of training so far)."""
+        """Loads a checkpoint's weights, optimizer, probe, data order and RNG state into memory; one that does
+        not fit the model, or that holds NaN or Inf, is refused before anything is written."""
         n_images = len(self.batches.images)
         if len(ckpt["perm"]) != n_images:
             raise SystemExit(f"error: the data has {n_images} training images, but the run was trained on "
@@ -183,17 +195,21 @@ class Run:
             self.model.target.load_state_dict(ckpt["target"])
             self.model.predictor.load_state_dict(ckpt["predictor"])
             self.optimizer.load_state_dict(optimizer_state(ckpt["optimizer"], self.optimizer))
+            if self.monitor.probe is not None and ckpt.get("probe") is not None:
+                ckpt = dict(ckpt, probe_optimizer=own_groups(ckpt["probe_optimizer"], self.monitor.probe_optimizer))
             self.monitor.load_state_dict(ckpt)
             torch.set_rng_state(ckpt["rng"]["cpu"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise SystemExit(f"error: the checkpoint in {self.out} does not fit the model its config describes "
-                             f"({type(e).__name__}: {first_line(e)})") from None
-        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+                             f"({type(e).__name__}: {first_line(e)}); nothing was written") from None
+        if not self.finite():
+            raise SystemExit(f"error: the checkpoint in {self.out} holds NaN or Inf (in its weights, BatchNorm "
+                             f"statistics or optimizer state): the run that saved it had diverged, so it cannot go "
+                             f"on. Nothing was written; start a new run (with a lower --base-lr).")
         self.batches.perm = ckpt["perm"].to(self.device)
-        if self.master:
-            save_atomic(self.model.online.encoder.state_dict(), os.path.join(self.out, "encoder.pt"))
-        return ckpt["step"], ckpt.get("seconds", 0.0)
+        self.step, self.seconds = ckpt["step"], ckpt.get("seconds", 0.0)
 
     def on_signal(self, signum, frame):
         """Ctrl-C (SIGINT) or a cluster's preemption (SIGTERM): the step under way finishes, then the loop
@@ -209,153 +225,101 @@ class Run:
                 else "no checkpoint had been saved yet, so there is nothing to resume")
         raise SystemExit(f"\nStopped at once by a second {signal.Signals(self.signals[-1]).name}: {kept}")
 
-    def __exit__(self, kind, error, traceback):
-        if self.bar is not None:
-            self.bar.close()
-        if self.log_file is not None:
-            self.log_file.close()
+    def release(self):
+        """The --stream workers ended; the progress bar, the log and the lock closed; the signal handlers put back."""
+        self.batches.close()
+        for thing in (self.bar, self.log_file, self.held):
+            if thing is not None:
+                thing.close()
         for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
+        self.held, self.handlers = None, {}
+
+    def __exit__(self, kind, error, traceback):
+        for thing in (self.bar, self.log_file):
+            if thing is not None:
+                thing.close()
+        self.bar = self.log_file = None
         finished = kind is None and not self.stopping
         if finished and self.master:
             self.cfg["train_minutes"] = (time.perf_counter() - self.t_start) / 60
             save_json(self.cfg, os.path.join(self.out, "config.json"))  # the real time beside the planned
-        if self.held is not None:
-            self.held.close()
+        lost = self.worker_lost(error) if kind is WorkerLost else None  # (saves first, under the lock)
+        self.release()
         end_processes(self.world)
         launch = "python" if self.world == 1 else f"torchrun --nproc_per_node {self.world}"
-        if kind is Diverged:  # (the other processes stop with rank 0, quietly)
-            raise SystemExit(self.diverged() if self.master else 1) from None
+        if kind is Diverged or lost:  # (the other processes stop with rank 0, quietly)
+            raise SystemExit((lost or self.diverged()) if self.master else 1) from None
         if kind is None and self.stopping:
             by = signal.Signals(self.signals[0]).name if self.signals else "a signal to another process"
+            if not self.master:
+                raise SystemExit(1)
+            if self.step == 0:
+                raise SystemExit(f"\nStopped by {by} before the first step (during the --minutes trial), so "
+                                 f"nothing was trained or saved. Start the run again with the same command; "
+                                 f"it replaces what {self.out} holds of it.")
             raise SystemExit(f"\nStopped by {by} at step {self.step}/{self.total_steps}; saved {self.out}/"
-                             f"checkpoint.pt. Continue with: {launch} train.py --resume {quote(self.out)}"
-                             if self.master else 1)
+                             f"checkpoint.pt. Continue with: {launch} train.py --resume {quote(self.out)}")
         if finished and self.master:
             print(f"Done in {self.cfg['train_minutes']:.1f} min of training: {self.out}/encoder.pt. "
                   f"Evaluate with: python test.py {quote(self.out)}")
         return False
 
+    def worker_lost(self, error):
+        """The message for a --stream worker ended from outside, after saving the weights of the step it
+        stopped at when they are finite (every step before it is whole, so a resume stays exact)."""
+        self.step = error.step
+        if self.master and self.finite():
+            self.write(self.out, error.step, time.perf_counter() - self.t_start)
+            kept = (f"The weights of step {error.step} are saved in {self.out}/checkpoint.pt; continue with: "
+                    f"python train.py --resume {quote(self.out)}")
+        else:
+            kept = "The weights in memory hold NaN or Inf, so they are not saved. " + self.kept()
+        return (f"error: a --stream DataLoader worker ended from outside at step {error.step} ({error.why}). The "
+                f"likely cause is memory: the out-of-memory killer ends the largest processes first. Lower "
+                f"--workers (now {self.cfg['workers']}) or --batch-size (the lr follows it). {kept}")
+
+    def kept(self):
+        return (f"The last good checkpoint, of step {self.saved_step}, and its encoder are kept in {self.out}."
+                if self.saved_step else "No checkpoint had been saved yet, so nothing is kept.")
+
     def diverged(self):
         """The message for a run whose loss or weights went NaN or Inf."""
-        kept = (f"The last good checkpoint, of step {self.saved_step}, and its encoder are kept in {self.out}."
-                if self.saved_step else "No checkpoint had been saved yet, so nothing is kept.")
         return (f"error: training diverged: the loss, the weights or BatchNorm's running statistics became NaN "
                 f"or Inf between steps "
                 f"{self.saved_step + 1} and {self.step} (lr {self.lr:.3g}). The likely cause is a learning rate "
                 f"too high for this batch size and optimizer: start again with a lower --base-lr"
-                f"{' (or --optimizer sgd)' if self.cfg['optimizer'] == 'lars' else ''}. {kept}")
+                f"{' (or --optimizer sgd)' if self.cfg['optimizer'] == 'lars' else ''}. {self.kept()}")
 
 
 def optimizer_state(saved, optimizer):
-    """A saved optimizer state as this code's optim.LARS loads it. Runs saved before --optimizer sgd ran
-    on LARS hold torch.optim.SGD's (its momentum_buffer is LARS's v, and no group adapts), and runs saved
-    before the clip existed lack it (their config says --no-lars-clip); both resume exactly."""
-    groups = [{**optimizer.defaults, **group, "lars": group.get("lars", False) and now["lars"]}
-              for group, now in zip(saved["param_groups"], optimizer.param_groups)]
+    """A saved optimizer state as this code's optim.LARS loads it: the state tensors from the checkpoint, the
+    groups' hyper-parameters (weight decay, momentum, eta, clip, eps) from the optimizer just built from the
+    checked config, which a resumed run keeps, so a checkpoint's own numbers are never trusted (a string or
+    a NaN there would fail or mislead mid-run). Runs saved before --optimizer sgd ran on LARS hold
+    torch.optim.SGD's state (its momentum_buffer is LARS's v, and no group adapts); both resume exactly."""
     state = {i: {"v" if k == "momentum_buffer" else k: t for k, t in s.items()} for i, s in saved["state"].items()}
-    return dict(state=state, param_groups=groups)
+    return own_groups(dict(saved, state=state), optimizer)
 
 
-def run_files(out):
-    """The files of a run that `out` already holds (links and folders of those names count too)."""
-    return [f for f in RUN_FILES if os.path.lexists(os.path.join(out, f))]
+def own_groups(saved, optimizer):
+    """saved (an optimizer's state_dict) with its groups' hyper-parameters taken from `optimizer`, built from the
+    checked config, and its state tensors checked (check_shapes)."""
+    check_shapes(saved, optimizer)
+    groups = [{**now, "params": group["params"]} for group, now in zip(saved["param_groups"], optimizer.param_groups)]
+    return dict(saved, param_groups=groups)
 
 
-def check_writable(out):
-    """A clear error, before any work, when the run directory cannot be made and written: --out (or the
-    nearest of its folders that exists) is a file or a link to nothing, or a folder this user cannot write."""
-    parent = os.path.abspath(out)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        what = "a link to nothing" if os.path.islink(parent) else "a file"
-        raise SystemExit(f"error: --out {out}: {parent} is {what}, not a folder; pass a folder for the run")
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the run to {out}: {parent} is not writable ({e.strerror}). "
-                         f"Pass --out a folder you can write to.")
-
-
-def newest_run(runs=RUNS):
-    """The run directory in `runs` whose checkpoint.pt was written last."""
-    dirs = [os.path.join(runs, d) for d in os.listdir(runs)] if os.path.isdir(runs) else []
-    dirs = [d for d in dirs if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
-    if not dirs:
-        raise SystemExit(f"error: no run with a checkpoint.pt in {runs}/; train one with: python train.py")
-    return max(dirs, key=lambda d: os.path.getmtime(os.path.join(d, "checkpoint.pt")))
-
-
-def load_checkpoint(resume):
-    """(checkpoint dict, its path) from a run directory, a checkpoint.pt, or "latest". Loaded with
-    weights_only=True: tensors and plain data only, so a checkpoint from elsewhere cannot run code."""
-    path = newest_run() if resume == "latest" else resume
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        run_dir = os.path.dirname(path)
-        if os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise SystemExit(f"error: {run_dir} holds a run that stopped before its first checkpoint, so there is "
-                             f"nothing to resume. Start it again with the same command, without --resume (its "
-                             f"flags are in {os.path.join(run_dir, 'config.json')}); the new run replaces it.")
-        raise SystemExit(f"error: no checkpoint at {path}; pass a run directory such as runs/<name>")
-    ckpt = load_weights(path)
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all of them"]
-    if missing:
-        raise SystemExit(f"error: {path} is not a checkpoint written by train.py: it lacks "
-                         f"{', '.join(missing)} (of {', '.join(CHECKPOINT_KEYS)})")
-    return ckpt, path
-
-
-def lock(run_dir):
-    """Holds run_dir/lock while this process lives, so that a second training cannot write into the
-    same run. The lock is the operating system's (flock), freed when the process ends in any way,
-    kill -9 included, so a dead run never holds it. A link or anything but a plain file named lock is
-    refused, never opened through. Returns the open file: keep it."""
-    path = os.path.join(run_dir, "lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.EISDIR):
-            raise
-        fd = None
-    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
-        raise SystemExit(f"error: {path} is not the plain file train.py locks (it is a link, a folder or a "
-                         f"device), so it is not opened. Remove it (rm -r {quote(path)}) and run again.")
-    f = os.fdopen(fd, "r+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise SystemExit(f"error: {run_dir} is in use: a training ({holder}) is writing to it. Wait for it "
-                         f"to end, stop it, or train into another --out.") from None
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    return f
-
-
-def remove_leftovers(run_dir):
-    """Removes what a killed run of this project leaves half-written, and nothing else: the temporary
-    files of its own files (files.remove_temporaries) and --minutes' scratch folders
-    (.time-trial-XXXXXXXX, real folders only, never links)."""
-    remove_temporaries(run_dir, RUN_FILES)
-    for entry in os.scandir(run_dir):
-        if SCRATCH.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def trim_log(path, step):
-    """Keeps the lines of log.jsonl up to `step`, dropping a line cut short: a run resumed from a
-    checkpoint re-runs the steps after it, and logs them again."""
-    refuse_link(path)
-    if os.path.isfile(path):
-        save_lines([r for r in read_log(path) if isinstance(r.get("step"), (int, float)) and r["step"] <= step],
-                   path)
+def check_shapes(saved, optimizer):
+    """A ValueError unless every tensor of a saved optimizer state is a float tensor of the shape of the
+    parameter it belongs to: torch's load_state_dict checks the groups' sizes, not this, and a wrong shape
+    would fail in the middle of a step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, state in saved["state"].items():
+        if type(i) is not int or not 0 <= i < len(params) or not all(
+                k == "step" or t is None or torch.is_tensor(t) and t.is_floating_point() and t.shape == params[i].shape
+                for k, t in state.items()):
+            raise ValueError(f"the optimizer's state {i!r} is not of the shape of its parameter")
 
 
 def cli(main, interrupted="\nStopped before training began; nothing on disk was changed."):
@@ -366,7 +330,10 @@ def cli(main, interrupted="\nStopped before training began; nothing on disk was 
         main()
     except UserError as e:
         raise SystemExit(f"error: {e}")
-    except OSError as e:  # a log on a full or read-only disk (checkpoints raise SaveError)
+    except OSError as e:  # a log on a full or read-only disk (checkpoints raise SaveError), a name too long
+        if e.errno == errno.ENAMETOOLONG:
+            raise SystemExit(f"error: {e.filename or 'a path'}: a name in it is longer than the file system allows; "
+                             f"pass a shorter one.")
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         raise SystemExit(f"error: cannot write {e.filename or 'to the run directory'}: {e.strerror}. Every "

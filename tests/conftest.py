@@ -3,6 +3,7 @@ JPEGs in ../shared/data/cifar10-jpg when present (a small fixed subset), else ge
 training run on it; and the small settings every training test uses."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -60,6 +61,36 @@ def _generated(path, n, seed):
             img = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8) // 2
             img[c % 3] += 100
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(path, name, f"{i:04d}.jpg"))
+
+
+HANG_S = 300  # no test takes a minute here: one that runs 5 has hung (a FIFO opened to read blocks for ever)
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A test that hangs fails after HANG_S seconds, naming itself, instead of stopping the suite. (test_cli's
+    fuzz draws set their own, shorter alarm.)"""
+    def hung(signum, frame):
+        raise TimeoutError(f"this test hung: no end within {HANG_S} s")
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(HANG_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The per-user data cache ($XDG_CACHE_HOME/byol-reproduction) of every test, and of every script a test
+    starts (they inherit the environment), in a temporary folder: never the real home's."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    from machinery.files import cache_dir
+    yield cache_dir()
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,22 @@ def test_every_numeric_flag_and_the_arch_are_checked_before_any_work(flag, value
 def test_images_that_would_fill_the_memory_are_refused_before_loading():
     with pytest.raises(SystemExit, match="--images 10000000 at 1024 px would fill"):
         bench.parse_args(["--device", "cpu", "--images", "10000000", "--image-size", "1024"])
+
+
+def test_more_images_than_the_folder_holds_is_an_error_not_random_images(image_root):
+    """--images beyond the folder used to fall back to random images, with a warning lost in the output:
+    the benchmark then measured other data. Random images remain for a --data that holds no ImageFolder."""
+    args = bench.parse_args(["--device", "cpu", "--quick", "--data", str(image_root / "train"), "--images", "65"])
+    with pytest.raises(SystemExit, match="--images 65 is more than the 64 images"):
+        bench.load_images(args)
+    args.images = 64
+    assert "real images" in bench.load_images(args)[1]
+    args.data = str(image_root / "nowhere")
+    assert "RANDOM" in bench.load_images(args)[1]
+
+
+def test_compile_without_a_compiler_is_a_message_before_any_work(monkeypatch):
+    from machinery import devices
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="compiler"):
+        bench.parse_args(["--device", "cpu", "--compile"])

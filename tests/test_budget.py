@@ -11,6 +11,15 @@ def test_fit_epochs_fills_the_budget_with_checks_and_checkpoints():
     assert fit_epochs(0.001, 10, 0, 1.0, 0.0, 0.0)[0] == 1  # never less than one epoch
 
 
+def test_fit_epochs_plans_no_more_than_the_epochs_flag_allows():
+    """A tiny set and a fast step used to plan more than --epochs' bound (10**6), so the run's own config was
+    refused on --resume; a step timed at 0 s planned without end."""
+    from machinery.flags import TYPES
+    assert fit_epochs(60, 1, 0, 1e-9, 0.0, 0.0)[0] == 10**6
+    assert fit_epochs(1, 1, 0, 0.0, 0.0, 0.0)[0] == 10**6
+    assert TYPES["epochs"]("1000000") == 10**6             # the bound fit_epochs keeps to is the flag's
+
+
 def test_the_time_trial_puts_every_tensor_back_in_place():
     """After the trial the model, optimizer and probe hold the very tensors they held before (a CUDA graph
     captured during the trial still reads them), with their old values; optimizer state the trial made is

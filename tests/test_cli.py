@@ -1,5 +1,6 @@
 """The command line of every script, fuzzed with a fixed seed: numbers (0, negative, nan, inf, huge) for
-each numeric flag, and paths (missing, a file, a link, a dangling link, unwritable) for each path argument.
+each numeric flag, and paths (missing, a file, a link, a dangling link, unwritable, a folder where a file is
+expected, a hard link, a FIFO, a name longer than the file system allows) for each path argument.
 Every draw must end as a user expects, with an exit code and never a traceback: a usage error, a
 one-paragraph message, or the work done. What a draw starts is cut short at its first augmentation (as
 Ctrl-C would cut it), since what is fuzzed here is the command line, not the training."""
@@ -20,18 +21,18 @@ from machinery.runs import cli
 from tests.conftest import ROOT, TINY
 
 NUMBERS = ["0", "-1", "-2.5", "nan", "inf", "-inf", "1e308", "10000000000000"]
-PATHS = ["missing", "file", "link", "dangling", "unwritable", "folder"]
+PATHS = ["missing", "file", "link", "dangling", "unwritable", "folder", "hardlink", "fifo", "toolong"]
 NUMERIC = {
     "train.py": [f"--{k.replace('_', '-')}" for k in train.DEFAULTS if k not in ("dataset", "data", "arch", "stem",
                  "predictor", "optimizer", "lars_clip", "tau_schedule", "blur", "normalize", "device", "compile",
-                 "stream", "out", "recipe")],
+                 "stream", "out", "recipe", "cache_dir")],
     "test.py": ["--epochs", "--lr", "--k", "--subset", "--test-subset", "--image-size", "--labels", "--finetune-epochs",
                 "--finetune-lr", "--seed"],
     "plots.py": ["--random-knn"],
     "bench.py": ["--batch-size", "--image-size", "--hidden-dim", "--workers", "--images", "--repeats", "--steps",
                  "--warmup", "--peak-tflops"],
 }
-PATH_ARGS = {"train.py": ["--data", "--out", "--resume"], "test.py": ["run", "--data"],
+PATH_ARGS = {"train.py": ["--data", "--out", "--resume", "--cache-dir"], "test.py": ["run", "--data"],
              "plots.py": ["curves", "views", "--out"], "bench.py": ["--data"]}
 DRAWS = {"train.py": 24, "test.py": 24, "plots.py": 8, "bench.py": 12}   # numbers drawn; paths: every one
 
@@ -52,9 +53,12 @@ def paths(tmp_path):
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "notes.txt").write_text("a user's folder")
+    os.link(tmp_path / "file.txt", tmp_path / "hardlink")
+    os.mkfifo(tmp_path / "fifo")                      # a reader that opens it blocks: a hang, if any, fails the test
     return dict(missing=str(tmp_path / "missing"), file=str(tmp_path / "file.txt"), link=str(tmp_path / "link"),
                 dangling=str(tmp_path / "dangling"), folder=str(tmp_path / "folder"),
-                unwritable="/proc/byol-fuzz")        # /proc takes no new files, not even from root
+                unwritable="/proc/byol-fuzz",        # /proc takes no new files, not even from root
+                hardlink=str(tmp_path / "hardlink"), fifo=str(tmp_path / "fifo"), toolong=str(tmp_path / ("x" * 300)))
 
 
 def argv_for(script, arg, value, paths, base, tmp_path, i):
@@ -72,7 +76,12 @@ def argv_for(script, arg, value, paths, base, tmp_path, i):
 
 def problem(main, argv, capsys):
     """Runs main(argv) as its script's __main__ does (runs.cli); returns what a user would see wrong (an
-    exception that is not an exit, a printed traceback, an exit that is no code), or None."""
+    exception that is not an exit, a printed traceback, an exit that is no code, no answer in 120 s: a hang,
+    as on a FIFO), or None."""
+    def hung(signum, frame):
+        raise TimeoutError("no answer within 120 s: it hangs")
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
     try:
         cli(lambda: main(argv))
         code = 0
@@ -80,6 +89,9 @@ def problem(main, argv, capsys):
         code = e.code
     except Exception as e:                          # what reaches the user as a traceback
         return f"{argv}: {type(e).__name__}: {e}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
     said = capsys.readouterr()
     if "Traceback" in said.out + said.err:
         return f"{argv}: printed a traceback: {said.err[-1000:]}"

@@ -4,6 +4,7 @@ import glob
 import io
 import os
 import random
+import time
 import zlib
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from machinery import data
-from tests.conftest import main_of
+from tests.conftest import ROOT, main_of
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
@@ -395,3 +396,145 @@ def test_a_stream_worker_error_reaches_the_user_as_our_message_alone(image_root,
         list(batches.stream_batches(stream, torch.arange(4), 0, {"batch_size": 4, "workers": 1}, 0, 1,
                                     torch.device("cpu")))
     assert str(worker.value) == str(here.value) and str(bad) in str(here.value) and "\n" not in str(here.value)
+
+
+def test_a_process_that_stops_mid_epoch_ends_its_stream_workers_and_exits(image_root):
+    """The workers ignore SIGTERM (so that a preemption reaches the main process alone), which is how
+    multiprocessing's exit handler ends them: a process leaving mid-epoch, its generator still open, used to
+    wait for them forever. It must exit at once, and a closed generator must leave no worker behind."""
+    import subprocess
+    import sys
+    script = f"""if True:
+        import multiprocessing, sys, torch
+        from machinery import batches, data
+        stream = data.StreamingFolder(data.folder_files({str(image_root / "train")!r})[:8], 8)
+        cfg, cpu = {{"batch_size": 2, "workers": 2}}, torch.device("cpu")
+        closed = batches.stream_batches(stream, torch.arange(8), 0, cfg, 0, 1, cpu)
+        next(closed)
+        closed.close()
+        assert not multiprocessing.active_children(), "a closed generator left its workers"
+        left_open = batches.stream_batches(stream, torch.arange(8), 0, cfg, 0, 1, cpu)
+        next(left_open)
+        sys.exit(0)"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---- Caches only this user can write, and regular files only (issue 23) -----------------------------
+
+@pytest.mark.parametrize("plant, said", [("another user's", "another user"), ("writable by others", "others can write"),
+                                         ("a link", "symbolic link"), ("a FIFO", "FIFO")])
+def test_a_planted_cache_is_ignored_with_a_note_and_rebuilt(tmp_path, capsys, monkeypatch, plant, said):
+    """Another local user could plant a cache with the right digests and other pixels, trained and evaluated on
+    without a word (its owner was never checked), or a FIFO, on which every run hung. (Not as root, the file
+    cannot be given away: this user's uid is then stood in for by another, while the planted cache is read.)"""
+    root, cache = make_folder(tmp_path / "train", ["cat", "dog"]), str(tmp_path / "cache")
+    x, y = data.load(root, cache=cache)
+    [path] = glob.glob(os.path.join(cache, "*.pt"))
+    poisoned = (torch.full_like(x, 7), y, torch.load(path, weights_only=True)[2])
+    os.remove(path)
+    if plant == "a link":
+        torch.save(poisoned, tmp_path / "elsewhere.pt")
+        os.symlink(tmp_path / "elsewhere.pt", path)
+    elif plant == "a FIFO":
+        os.mkfifo(path)
+    else:
+        torch.save(poisoned, path)
+        if plant == "writable by others":
+            os.chmod(path, 0o666)
+        elif os.getuid() == 0:
+            os.chown(path, 4242, 4242)
+        else:
+            monkeypatch.setattr(os, "getuid", lambda uid=os.getuid(): uid + 1)
+    capsys.readouterr()
+    x2, _ = data.load(root, cache=cache)
+    monkeypatch.undo()
+    assert torch.equal(x2, x)                                             # the images' own pixels, and no hang
+    err = capsys.readouterr().err
+    assert path in err and said in err and "decoding the images again" in err, err
+    assert os.stat(path, follow_symlinks=False).st_uid == os.getuid() and torch.equal(data.load(root, cache=cache)[0], x)
+
+
+def test_a_new_cache_folder_and_its_files_are_this_users_alone(tmp_path):
+    cache = tmp_path / "new" / "cache"
+    data.load(make_folder(tmp_path / "train", ["cat", "dog"]), cache=str(cache))
+    assert os.stat(cache).st_mode & 0o777 == 0o700
+    assert [os.stat(f).st_mode & 0o777 for f in glob.glob(str(cache / "*.pt"))] == [0o600]
+
+
+def test_old_cache_files_are_pruned_and_nothing_else(tmp_path):
+    """prune_cache, run at each write: of this user's cache files the 8 used last stay, unless unused for 30
+    days; a killed write's temporary over a day old goes; a user's file, another user's, a link stay."""
+    cache, now = tmp_path / "cache", time.time()
+    cache.mkdir()
+
+    def made(name, hours_ago, owner=None):
+        (cache / name).write_bytes(b"x")
+        os.utime(cache / name, (now - 3600 * hours_ago, now - 3600 * hours_ago))
+        if owner:
+            os.chown(cache / name, owner, owner)
+        return name
+    used = [made(f"imagefolder-32px-{i:016x}.pt", i) for i in range(10)]          # used 0 to 9 hours ago
+    stale = made(f"imagefolder-96px-{99:016x}.pt", 24 * 40)
+    kept = {made("notes.txt", 24 * 400), made(f".imagefolder-32px-{5:016x}.pt.abcd1234.tmp", 1)}
+    if os.getuid() == 0:                                  # (only root can give a file to another user)
+        kept.add(made(f"imagefolder-32px-{77:016x}.pt", 24 * 400, owner=4242))
+    killed = made(f".imagefolder-32px-{6:016x}.pt.k2x9_a1q.tmp", 48)
+    (tmp_path / "outside.pt").write_bytes(b"mine")
+    os.symlink(tmp_path / "outside.pt", cache / f"imagefolder-32px-{88:016x}.pt")
+    data.prune_cache(str(cache))
+    assert set(os.listdir(cache)) == set(used[:8]) | kept | {f"imagefolder-32px-{88:016x}.pt"}
+    assert stale not in os.listdir(cache) and killed not in os.listdir(cache)
+    assert (tmp_path / "outside.pt").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("kind, said", [("fifo", "FIFO"), ("/dev/zero", "character device"), ("huge", "more than")])
+def test_an_image_that_is_no_regular_file_or_too_large_is_named_not_a_hang(tmp_path, monkeypatch, kind, said):
+    """A FIFO as an image hung; a link to /dev/zero read without end and then blamed the batch size."""
+    root = make_folder(tmp_path / "train", ["cat", "dog"])
+    path = str(tmp_path / "train" / "cat" / "x.png")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "/dev/zero":
+        os.symlink("/dev/zero", path)
+    else:
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(path)  # 4 kB
+        monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 1000)                                         # the others: 70 B
+    files = data.folder_files(root)
+    for read in (lambda: data.load(root, cache=str(tmp_path / "cache")),              # in memory
+                 lambda: data.StreamingFolder(files, 8)[[f for f, _ in files].index(path)]):   # a --stream worker
+        with pytest.raises(data.DataError) as e:
+            read()
+        assert path in str(e.value) and said in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_ctrl_c_while_decoding_drops_the_queued_images(tmp_path, monkeypatch):
+    """The decode pool used to wait for every queued image after Ctrl-C (minutes, on a large folder)."""
+    root, started, decode = make_folder(tmp_path / "train", ["cat", "dog"], n=40), [], data.decode
+
+    def interrupted_at_the_first(file, image_size):
+        started.append(file)
+        if len(started) == 1:
+            raise KeyboardInterrupt
+        time.sleep(0.01)
+        return decode(file, image_size)
+    monkeypatch.setattr(data, "decode", interrupted_at_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        data.load(root, cache=str(tmp_path / "cache"), workers=1)
+    assert len(started) < 10                                          # of 80 queued
+
+
+def test_images_in_sub_folders_of_a_class_are_named_not_skipped_silently(tmp_path, capsys):
+    root = make_folder(tmp_path / "train", ["cat", "dog"])
+    make_folder(tmp_path / "train" / "cat", ["ant"])                  # train/cat/ant/0.png, 1.png
+    _, y = data.load(root, cache=str(tmp_path / "cache"))
+    err = capsys.readouterr().err
+    assert len(y) == 4 and os.path.join(root, "cat", "ant") in err and "not read" in err, err
+
+
+def test_a_fifo_among_the_cifar_binaries_is_named_before_torchvision_reads_it(tmp_path):
+    """torchvision hashes its files on trust: a FIFO there hung it."""
+    os.makedirs(tmp_path / "data" / "cifar-10-batches-py")
+    os.mkfifo(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1")
+    with pytest.raises(data.DataError, match="data_batch_1.*FIFO"):
+        data.load(str(tmp_path / "data"), cache=str(tmp_path / "cache"))

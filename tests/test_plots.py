@@ -98,3 +98,13 @@ def test_plots_on_the_command_line_gives_no_traceback_for_a_damaged_config(tmp_p
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plots.py"), "curves", run, "--out",
                         str(tmp_path / "c.png")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "config.json" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_log_holding_values_beyond_1e300_is_drawn_without_them(tmp_path):
+    """A log holding +-1e308 was a traceback (matplotlib cannot scale an axis across it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        dict(epoch=1, loss=1e308, lr=0.1), dict(epoch=2, loss=-1e308, lr=0.2), dict(epoch=3, loss=2.0, lr=-1e308)]))
+    out = plots.draw_curves(str(run), out=str(tmp_path / "curves.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -421,8 +421,8 @@ def test_an_eval_json_that_cannot_be_written_still_prints_the_figures(trained, i
 
 
 class _Args:
-    data, stem, batch_size, optimizer, base_lr, weight_decay, tau_base, epochs, subset, train_flags = \
-        "data", "cifar", 8, "sgd", 0.1, 0.0, 0.99, 1, None, []
+    data, stem, batch_size, optimizer, base_lr, weight_decay, tau_base, epochs, subset, train_flags, cache_dir = \
+        "data", "cifar", 8, "sgd", 0.1, 0.0, 0.99, 1, None, [], None
 
 
 def test_side_by_side_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
@@ -437,3 +437,39 @@ def test_side_by_side_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path)
     assert not marker.exists()
     r = run("tools/side_by_side.py", "--data", "anything", "--out", str(tmp_path / "none"), "--plot", "x.png")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "results.jsonl" in r.stderr, r.stderr[-2000:]
+
+
+# ---- Only what is ours, regular files only (issue 23) ------------------------------------------------
+
+def test_a_config_whose_data_is_null_is_a_message(trained, tmp_path):
+    """"data": null was a traceback: each value of config.json passes the checks of train.py's flag of its name."""
+    run_dir = _copy(trained, tmp_path)
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    json.dump(dict(cfg, data=None), open(os.path.join(run_dir, "config.json"), "w"))
+    r = main_of("test.py", run_dir, "--device", "cpu")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "has data None" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["config.json", "encoder.pt"])
+def test_a_fifo_in_the_run_folder_is_named_not_waited_on(trained, tmp_path, name):
+    run_dir = _copy(trained, tmp_path)
+    os.remove(os.path.join(run_dir, name))
+    os.mkfifo(os.path.join(run_dir, name))
+    r = main_of("test.py", run_dir, "--device", "cpu")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "FIFO" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_users_eval_json_beside_an_encoder_is_left_as_it_was(trained, image_root, tmp_path):
+    """An encoder.pt in a folder that is no run of train.py's: eval.json is written there only when none is,
+    or over one test.py wrote; a user's file of that name keeps its bytes (refused before any work)."""
+    mine = tmp_path / "downloads"
+    mine.mkdir()
+    shutil.copy(os.path.join(trained, "encoder.pt"), mine / "encoder.pt")
+    (mine / "eval.json").write_text('{"my": "own notes"}')
+    r = main_of("test.py", str(mine), *_quick(image_root))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "not one test.py wrote" in r.stderr, r.stderr[-2000:]
+    assert (mine / "eval.json").read_text() == '{"my": "own notes"}'
+    os.remove(mine / "eval.json")
+    r = main_of("test.py", str(mine), *_quick(image_root))             # none there: written
+    assert r.returncode == 0 and json.load(open(mine / "eval.json"))["top1"] >= 0, r.stderr[-2000:]
+    evaluate.check_eval_json(str(mine))                                 # and the one it wrote may be replaced

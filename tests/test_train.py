@@ -1,6 +1,7 @@
 """train.py: whole training runs as a user starts them: logs, checkpoints, the encoder, Ctrl-C and exact
 resume, the host syncs of the loop, --minutes, --stream and the ImageNet recipe."""
 import json
+import multiprocessing
 import os
 import signal
 
@@ -13,6 +14,7 @@ import test as evaluate
 from models import resnet
 import train
 from machinery.evaluation import features
+from machinery.files import cache_dir
 from tests.conftest import TINY, main_of
 
 
@@ -48,8 +50,9 @@ def test_training_logs_the_monitors_and_warns_once_on_collapse(image_root, tmp_p
 
 def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypatch):
     """Ctrl-C mid-epoch saves a checkpoint; --resume then ends on the same weights as a run that
-    was never stopped (same data order, same augmentations, same optimizer state)."""
-    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "2", *TINY]
+    was never stopped (same data order, same augmentations, same optimizer state). 2 epochs of 2 steps:
+    stopped after step 3, inside the second epoch."""
+    args = ["--data", str(image_root / "train"), "--subset", "16", "--epochs", "2", *TINY]
     straight = train.main([*args, "--out", str(tmp_path / "straight")])
 
     calls = []
@@ -61,7 +64,7 @@ def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
         return augment(self, x)
     monkeypatch.setattr(train.Augment, "__call__", interrupt_on_third_batch)
-    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/8"):
+    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/4"):
         train.main([*args, "--out", str(tmp_path / "stopped")])
     assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["step"] == 3
     monkeypatch.setattr(train.Augment, "__call__", augment)
@@ -69,12 +72,12 @@ def test_interrupt_then_resume_continues_exactly(image_root, tmp_path, monkeypat
 
     a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
     b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
-    assert b["step"] == a["step"] == 8
+    assert b["step"] == a["step"] == 4
     for part in ("online", "target", "predictor", "probe"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), f"{part}.{k} differs after resume"
     steps = [json.loads(line)["step"] for line in open(tmp_path / "stopped" / "log.jsonl")]
-    assert steps == [2, 3, 4, 6, 8]
+    assert steps == [2, 3, 4]
 
 
 def test_batch_size_too_small_for_batchnorm(image_root):
@@ -101,10 +104,10 @@ def test_imagenet_stem_run_trains_saves_and_evaluates(image_root, tmp_path):
 
 def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
     """The loop reads tensors on the host only at logging intervals (and at the epoch's end): the same
-    data as 3 steps of 16 and as 6 steps of 8, logged once, must read the same number of values. A
-    .item(), float(t) or `if t:` added to every step would read 3 more in the second run."""
-    for split in ("train", "test"):                       # decoded and cached first: the runs read the cache
-        data.load(str(image_root), split=split, subset=48 if split == "train" else None, cache=str(tmp_path / ".cache"))
+    data as 2 steps of 16 and as 4 steps of 8, logged once, must read the same number of values. A
+    .item(), float(t) or `if t:` added to every step would read 2 more in the second run."""
+    for split in ("train", "test"):     # decoded into the user's cache first, as train.py's: both runs read it
+        data.load(str(image_root), split=split, subset=32 if split == "train" else None, cache=cache_dir())
     reads = []
     for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -116,7 +119,7 @@ def test_no_host_sync_per_step(image_root, tmp_path, monkeypatch):
     counts = []
     for batch in (16, 8):
         reads.clear()
-        train.main(["--data", str(image_root / "train"), "--subset", "48", "--epochs", "1", "--batch-size", str(batch),
+        train.main(["--data", str(image_root / "train"), "--subset", "32", "--epochs", "1", "--batch-size", str(batch),
                     "--hidden-dim", "32", "--proj-dim", "16", "--log-every", "100", "--device", "cpu",
                     "--out", str(tmp_path / f"b{batch}")])
         counts.append(len(reads))
@@ -161,8 +164,8 @@ def test_minutes_plans_a_whole_schedule_and_leaves_no_trace(image_root, tmp_path
 
 def test_streaming_path_trains_and_resumes(image_root, tmp_path, monkeypatch):
     """--stream: DataLoader workers decode and crop each batch from disk; the run logs, saves, stops on
-    Ctrl-C mid-epoch and resumes there with the same data order."""
-    args = ["--data", str(image_root / "train"), "--stream", "--subset", "32", "--epochs", "2", "--workers", "2",
+    Ctrl-C mid-epoch (step 3 of 2 epochs of 2 steps) and resumes there with the same data order."""
+    args = ["--data", str(image_root / "train"), "--stream", "--subset", "16", "--epochs", "2", "--workers", "2",
             "--out", str(tmp_path / "run"), *TINY]
     calls, augment = [], train.Augment.__call__
 
@@ -172,13 +175,14 @@ def test_streaming_path_trains_and_resumes(image_root, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return augment(self, x)
     monkeypatch.setattr(train.Augment, "__call__", interrupt_on_third_batch)
-    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/8"):
+    with pytest.raises(SystemExit, match="Stopped by SIGINT at step 3/4"):
         train.main(args)
     assert all(isinstance(x, tuple) and x[0].shape == x[1].shape == (8, 3, 32, 32) for x in calls)
+    assert not multiprocessing.active_children()                    # the stopped run's workers ended with it
     train.main(["--resume", str(tmp_path / "run")])
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
-    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 3, 4, 6, 8]
-    assert len(calls) == 8                                          # steps 4 to 8 after the resume
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 3, 4]
+    assert len(calls) == 4                                          # step 4 alone after the resume
 
 
 def test_a_set_too_large_for_memory_names_stream_before_decoding(image_root):
@@ -211,7 +215,7 @@ def test_imagenet_recipe_streams_normalises_and_evaluates_as_imagenet(image_root
 def test_cuda_graph_flag_trains_the_same_weights_on_the_cpu(image_root, tmp_path):
     """--cuda-graph runs the loop's step through devices.StepGraph (on the CPU: eagerly, on its static
     buffers, with lr and tau as device tensors): the run ends on the very weights of the plain loop."""
-    args = ["--data", str(image_root / "train"), "--subset", "32", "--epochs", "2", "--knn-every", "0", *TINY]
+    args = ["--data", str(image_root / "train"), "--subset", "16", "--epochs", "2", "--knn-every", "0", *TINY]
     plain = train.main([*args, "--out", str(tmp_path / "plain")])
     graphed = train.main([*args, "--cuda-graph", "--out", str(tmp_path / "graphed")])
     a, b = (torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True) for out in (plain, graphed))
@@ -222,13 +226,13 @@ def test_cuda_graph_flag_trains_the_same_weights_on_the_cpu(image_root, tmp_path
     assert r.returncode != 0 and "--cuda-graph" in r.stderr             # a graph needs the batch in memory
 
 
-@pytest.mark.parametrize("save_minutes, saved_at", [("0", [4, 8, 12]), ("1000", [12])])
+@pytest.mark.parametrize("save_minutes, saved_at", [("0", [2, 4, 6]), ("1000", [6])])
 def test_checkpoints_follow_save_minutes(image_root, tmp_path, monkeypatch, save_minutes, saved_at):
     """--save-minutes 0 saves every epoch; a long interval saves at the end only (and on a signal, which the
-    SIGTERM tests cover): 3 epochs of 4 steps."""
+    SIGTERM tests cover): 3 epochs of 2 steps."""
     from machinery import runs
     saved, write = [], runs.Run.write
     monkeypatch.setattr(runs.Run, "write", lambda self, folder, step, *a: saved.append(step) or write(self, folder, step, *a))
-    train.main(["--data", str(image_root / "train"), "--subset", "32", "--epochs", "3", "--knn-every", "0",
+    train.main(["--data", str(image_root / "train"), "--subset", "16", "--epochs", "3", "--knn-every", "0",
                 "--out", str(tmp_path / "run"), *TINY, "--save-minutes", save_minutes])
     assert saved == saved_at

@@ -50,7 +50,7 @@ from optim import make_optimizer
 import train
 from machinery import data
 from machinery.batches import stream_batches
-from machinery.devices import StepGraph, host_memory_available, pick_device, prepare, synchronize
+from machinery.devices import StepGraph, compiler_missing, host_memory_available, pick_device, prepare, synchronize
 from machinery.files import cache_dir
 from machinery.flags import number
 from machinery.runs import cli
@@ -78,13 +78,15 @@ def parse_args(argv=None):
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg", "train"),
                    help="an ImageFolder of real images (default: the shared CIFAR-10 JPEGs)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every field in seconds (and compile, if asked)")
+    p.add_argument("--cache-dir", help="where decoded ImageFolders are kept (default: ~/.cache/byol-reproduction)")
     args = p.parse_args(argv)
     args.device = str(pick_device(args.device))
-    cuda = args.device.startswith("cuda")
+    if args.compile and compiler_missing(args.device):
+        raise SystemExit(f"error: {compiler_missing(args.device)}")
     for key, (quick, gpu, cpu) in dict(batch_size=(8, 256, 64), images=(64, 2048, 2048), repeats=(2, 5, 3),
                                        steps=(1, 20, 2), warmup=(1, 5, 1)).items():
         if getattr(args, key) is None:  # an explicit flag wins, then --quick, then the device's default
-            setattr(args, key, quick if args.quick else gpu if cuda else cpu)
+            setattr(args, key, quick if args.quick else gpu if args.device.startswith("cuda") else cpu)
     if data.in_memory_bytes(args.images, args.image_size) > (host_memory_available() or float("inf")) / 4:
         raise SystemExit(f"error: --images {args.images} at {args.image_size} px would fill this machine's memory")
     return args
@@ -106,15 +108,18 @@ def default_peak_tflops(name):
 
 
 def load_images(args):
-    """(uint8 N x 3 x S x S on the CPU, a line saying where they came from)."""
+    """(uint8 N x 3 x S x S on the CPU, their source): random only where --data holds no ImageFolder at all."""
     try:
-        images, _ = data.load(args.data, split="train", image_size=args.image_size, subset=args.images,
-                              cache=cache_dir(), workers=2)
-        return images, f"{len(images)} real images from {os.path.normpath(args.data)}"
+        n = len(data.folder_files(args.data))
     except data.DataError as e:
         print(f"warning: no real images ({str(e).splitlines()[0]}); using random uint8 images instead")
-        images = torch.randint(0, 256, (args.images, 3, args.image_size, args.image_size), dtype=torch.uint8)
-        return images, f"{len(images)} RANDOM uint8 images ({args.data} not usable)"
+        return (torch.randint(0, 256, (args.images, 3, args.image_size, args.image_size), dtype=torch.uint8),
+                f"{args.images} RANDOM uint8 images ({args.data} not usable)")
+    if args.images > n:
+        raise SystemExit(f"error: --images {args.images} is more than the {n} images in {args.data}; lower --images")
+    images, _ = data.load(args.data, split="train", image_size=args.image_size, subset=args.images,
+                          cache=cache_dir(args.cache_dir), workers=2)
+    return images, f"{len(images)} real images from {os.path.normpath(args.data)}"
 
 
 def timed(fns, device, warmup, steps, repeats):
@@ -238,9 +243,7 @@ def bench_step(variant, views, args, device, images=None, aug=None):
 
     def end_to_end(i):
         j = i % (len(images) // B)
-        x = images[perm[j * B:(j + 1) * B]]  # B x 3 x H x W uint8
-        view1, view2 = aug(x)
-        train.byol_update(model, forward, optimizer, view1, view2, lr, tau)
+        train.byol_update(model, forward, optimizer, *aug(images[perm[j * B:(j + 1) * B]]), lr, tau)  # x: B x 3 x H x W uint8
     if images is None:
         t_step, = timed([step], device, args.warmup, args.steps, args.repeats)
         return B / statistics.median(t_step), None, None, peak_memory(device)
@@ -281,8 +284,7 @@ def bench_streaming(aug, args, device):
     """images/s of train.py's --stream data path over the same files, or None without an ImageFolder."""
     if not data.is_image_folder(args.data):
         return None
-    n = len(data.folder_files(args.data))
-    files = data.folder_files(args.data, subset=min(args.images, n))
+    files = data.folder_files(args.data, subset=args.images)  # (load_images: no more than the folder holds)
     dataset, cfg = data.StreamingFolder(files, args.image_size), dict(batch_size=args.batch_size, workers=args.workers)
     times = []
     for _ in range(args.repeats):
@@ -365,14 +367,13 @@ def main(argv=None):
         image_size=args.image_size, hidden_dim=args.hidden_dim, batch_size=args.batch_size, images=source,
         quick=args.quick, workers=args.workers, aug_threads=max(1, args.workers) if not cuda else None,
         aug_views_per_s=aug_views, torchvision_views_per_s=tv_views, aug_speedup=aug_views / tv_views,
-        torchvision_antialias=True, augment_antialias=False,
-        step_images_per_s=step_ips, end_to_end_variant=home, end_to_end_images_per_s=e2e, graph_images_per_s=graph,
-        data_path_overhead=statistics.median(shares),
+        torchvision_antialias=True, augment_antialias=False, step_images_per_s=step_ips, end_to_end_variant=home,
+        end_to_end_images_per_s=e2e, graph_images_per_s=graph, data_path_overhead=statistics.median(shares),
         data_path_overhead_repeats=shares, data_path_ms_per_batch=1e3 * data_s,
         data_path_share_alone=data_s / (data_s + args.batch_size / step_ips[home]),
         data_path_images_per_s=dict(in_memory=args.batch_size / data_s, streaming=streaming),
-        flops_per_image=flops, tflops=tflops,
-        peak_tflops=peak, peak_fraction=fraction, peak_memory_bytes=memory if cuda else None,
+        flops_per_image=flops, tflops=tflops, peak_tflops=peak, peak_fraction=fraction,
+        peak_memory_bytes=memory if cuda else None,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         seconds=time.perf_counter() - t_start,
     )
@@ -390,8 +391,7 @@ def print_table(r, args):
     print(f"\n{'augmentation (2 views per image)':<48}{'views/s':>10}")
     print(f"{f'  Augment, batched on {args.device} ({threads})':<48}{num(r['aug_views_per_s']):>10}")
     print(f"{f'  torchvision v2 on PIL, {args.workers} DataLoader worker(s)':<48}{num(r['torchvision_views_per_s']):>10}")
-    print(f"  Augment is {r['aug_speedup']:.1f}x the per-image pipeline "
-          f"(torchvision's resize antialiases, Augment's does not)")
+    print(f"  Augment is {r['aug_speedup']:.1f}x the per-image pipeline (torchvision's resize antialiases, Augment's does not)")
     print(f"\n{'training step (byol_update)':<30}{'images/s':>10}{'TFLOP/s':>10}{'% peak':>9}{'peak mem':>11}")
     for v in VARIANTS:
         mem = (r["peak_memory_bytes"] or {}).get(v)

@@ -18,7 +18,8 @@ from augment import CIFAR10_MEAN, CIFAR10_STD, Augment, to_float
 from machinery import data
 from machinery.files import cache_dir, read_config, read_log, save_atomic
 from machinery.flags import number
-from machinery.runs import cli, newest_run
+from machinery.folders import newest_run
+from machinery.runs import cli
 
 ASSETS = "README.assets"
 
@@ -63,15 +64,16 @@ def save_figure(fig, path, **kw):
 
 
 def finite(x):
-    """x is a real, finite number (not a string, None, a bool or NaN, as a hand-edited log may hold)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """x is a real number that an axis can hold: not a string, None, a bool, NaN or Inf, as a hand-edited log
+    may hold, nor beyond +-1e300 (matplotlib cannot scale an axis that spans +-1e308)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= 1e300
 
 
-def draw_views(root=data.DEFAULT_ROOT, out=os.path.join(ASSETS, "views.png")):
+def draw_views(root=data.DEFAULT_ROOT, out=os.path.join(ASSETS, "views.png"), cache=None):
     """Three rows: 8 training images (a fixed subset), their view 1 and their view 2 (seed 0)."""
     plt, out = pyplot(), picture_path(out)
     try:
-        images, _ = data.load(root, "cifar10", "train", 32, subset=8, seed=0, cache=cache_dir())
+        images, _ = data.load(root, "cifar10", "train", 32, subset=8, seed=0, cache=cache_dir(cache))
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     torch.manual_seed(0)
@@ -139,12 +141,13 @@ def main(argv=None):
     p.add_argument("--data", default=data.DEFAULT_ROOT, help="views: CIFAR-10 download folder or an ImageFolder")
     p.add_argument("--random-knn", type=number(float, 0, 1, why=" (a top-1 accuracy: 0.35, not 35)"), help="curves: the random encoder's kNN top-1, as a dashed line")
     p.add_argument("--out", help="the PNG to write (default: README.assets/<picture>.png)")
+    p.add_argument("--cache-dir", help="views: where decoded ImageFolders are kept (default: ~/.cache/byol-reproduction)")
     args = p.parse_args(argv)
     if args.picture == "views":
-        print(f"wrote {draw_views(args.data, args.out or os.path.join(ASSETS, 'views.png'))}")
+        print(f"wrote {draw_views(args.data, args.out or os.path.join(ASSETS, 'views.png'), args.cache_dir)}")
     else:
         out = args.out or os.path.join(ASSETS, "curves.png")
-        print(f"wrote {draw_curves(args.run or newest_run(), out, random_knn=args.random_knn)}")
+        print(f"wrote {draw_curves(args.run or newest_run(names=('log.jsonl',)), out, random_knn=args.random_knn)}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's own modules
 from machinery import data  # (the project's loader, so that both arms read the very same uint8 tensors)
-from machinery.files import load_weights, read_log  # (loads that cannot run code; logs cut short)
+from machinery.files import cache_dir, load_weights, open_to_append, read_log  # (loads that cannot run code, ...)
+from machinery.flags import number  # (a number out of range is a usage error naming its flag)
 from machinery.runs import cli  # (a mistake the user can fix ends in its message, not a traceback)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -50,8 +51,9 @@ def embed(encoder, images, batch=1000):
 
 
 def knn(bank, bank_y, query, query_y, k=200, t=0.1):
-    """Weighted kNN top-1 (Wu et al. 2018): the k most cosine-similar bank images vote exp(sim / t)."""
-    sim, idx = (F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T).topk(k, dim=1)
+    """Weighted kNN top-1 (Wu et al. 2018): the k most cosine-similar bank images vote exp(sim / t); a bank
+    smaller than k (a small --subset) votes whole."""
+    sim, idx = (F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T).topk(min(k, len(bank)), dim=1)
     votes = torch.zeros(len(query), int(bank_y.max()) + 1).scatter_add_(1, bank_y[idx], (sim / t).exp())
     return (votes.argmax(1) == query_y).float().mean().item()
 
@@ -180,11 +182,11 @@ def independent(args, seed, images, labels, monitor, log):
 
 
 def plot(results, out):
-    """kNN monitor against epoch for every training arm (one line per seed), random init dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_knn, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    """kNN monitor against epoch for every training arm (one line per seed), random init dashed; drawn and
+    written as the README's pictures are (tools/plots.py: a format matplotlib cannot write is named first)."""
+    from tools.plots import picture_path, pyplot, save_figure
+    out = picture_path(out)
+    fig, (ax_knn, ax_loss) = pyplot().subplots(1, 2, figsize=(11, 4))
     colours = {}
     for r in results:
         kind = r["arm"].rsplit("-s", 1)[0]
@@ -203,8 +205,7 @@ def plot(results, out):
     ax_loss.set(xlabel="epoch", ylabel="BYOL loss, epoch mean", title="loss")
     ax_knn.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 # ---- the arms ------------------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def run_ours(args, seed, out):
            "--stem", args.stem, "--batch-size", str(args.batch_size), "--optimizer", args.optimizer,
            "--base-lr", str(args.base_lr), "--weight-decay", str(args.weight_decay), "--tau-base", str(args.tau_base),
            "--epochs", str(args.epochs), "--seed", str(seed), "--knn-every", "1", "--test-subset", "2000",
-           "--out", out, *(["--subset", str(args.subset)] if args.subset else []), *args.train_flags]
+           "--out", out, "--cache-dir", cache_dir(args.cache_dir),
+           *(["--subset", str(args.subset)] if args.subset else []), *args.train_flags]
     ckpt = os.path.join(out, "checkpoint.pt")
     saved = load_weights(ckpt) if os.path.isfile(ckpt) else {}
     done = isinstance(saved, dict) and saved.get("epoch") == args.epochs
@@ -239,25 +241,26 @@ def run_ours(args, seed, out):
     return encoder, curve
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="root holding the train/ and test/ ImageFolders")
     p.add_argument("--arms", nargs="+", default=["random", "ours", "independent"])
     p.add_argument("--swap", nargs="*", default=[], choices=["views", "model", "loss", "ema", "optimizer"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=number(int, 0, 2**32 - 1), default=[0])
     p.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"])
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--subset", type=int, help="train on a fixed subset of this many images (quick checks)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=number(int, 1, 10**6), default=5)
+    p.add_argument("--subset", type=number(int, 1), help="train on a fixed subset of this many images (quick checks)")
+    p.add_argument("--batch-size", type=number(int, 2, 2**20), default=128)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="lars: ours only, or --swap optimizer")
-    p.add_argument("--base-lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--tau-base", type=float, default=0.99)
+    p.add_argument("--base-lr", type=number(float, 0, above=True), default=0.1)
+    p.add_argument("--weight-decay", type=number(float, 0), default=1e-5)
+    p.add_argument("--tau-base", type=number(float, 0, 1), default=0.99)
     p.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[], help="passed on to train.py (last)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "side_by_side"))
     p.add_argument("--tag", default="", help="appended to the arm's name (e.g. -lars)")
     p.add_argument("--plot", metavar="PNG", help="draw the curves of --out's results.jsonl into PNG, and stop")
-    args = p.parse_args()
+    p.add_argument("--cache-dir", help="where decoded ImageFolders are kept (default: ~/.cache/byol-reproduction)")
+    args = p.parse_args(argv)
     if args.plot:
         results = os.path.join(args.out, "results.jsonl")
         if not os.path.isfile(results):
@@ -265,13 +268,15 @@ def main():
         print("wrote", plot(read_log(results), args.plot))
         return
     global CACHE
-    CACHE = os.path.join(os.path.dirname(args.out), ".cache")
+    CACHE = cache_dir(args.cache_dir)
     torch.set_num_threads(torch.get_num_threads())
     split = eval_split(args.data)
     train_x, train_y = data.load(args.data, split="train", subset=args.subset, cache=CACHE)
     test_x, test_y = data.load(args.data, split="test", subset=2000, seed=0, cache=CACHE)
     monitor = lambda enc: knn(embed(enc, train_x), train_y, embed(enc, test_x), test_y)  # as train.py's
     os.makedirs(args.out, exist_ok=True)
+    results = os.path.join(args.out, "results.jsonl")
+    check_results(results)
     for seed in args.seeds:
         for arm in args.arms:
             swaps = "+" + "+".join(args.swap) if args.swap and arm == "independent" else ""
@@ -291,11 +296,23 @@ def main():
                 encoder = independent(args, seed, train_x, train_y, monitor, log)
             result = dict(arm=name, **evaluate(encoder, split), minutes=(time.perf_counter() - t0) / 60,
                           curve=[dict(epoch=r["epoch"], knn_top1=r["knn_top1"], loss=r.get("loss")) for r in curve],
-                          config={k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out", "plot")}, seed=seed)
+                          config={k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out", "plot", "cache_dir")}, seed=seed)
             print(f"{name}: kNN {100 * result['knn']:.1f}%  linear {100 * result['linear']:.1f}%  "
                   f"({result['minutes']:.1f} min)", flush=True)
-            with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+            with open_to_append(results) as f:   # (a regular file of one link, never through a link)
                 f.write(json.dumps(result) + "\n")
+
+
+def check_results(path):
+    """Before any arm runs: results.jsonl is appended to when it is new, or one this script wrote (empty, or its
+    first line an arm's result) and a regular file of one link (files.open_to_append); a user's file of that
+    name, a link or a FIFO is left as it is."""
+    records = read_log(path) if os.path.lexists(path) else []
+    if records[:1] and not (isinstance(records[0], dict) and {"arm", "curve"} <= records[0].keys()) or \
+            os.path.isfile(path) and os.path.getsize(path) and not records:
+        raise SystemExit(f"error: {path} is not the results.jsonl of tools/side_by_side.py, so nothing is appended to "
+                         f"it: pass another --out, or move that file away.")
+    open_to_append(path).close()
 
 
 if __name__ == "__main__":
