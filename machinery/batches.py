@@ -101,8 +101,8 @@ def training_data(cfg, device, rank=0, world=1):
             print(f"note: no kNN monitor, as there is no labelled test split ({str(e).splitlines()[0]})")
     if rank == 0:
         barrier(world)
-    folder = data.is_image_folder(cfg["data"]) or data.is_image_folder(os.path.join(cfg["data"], "train"))
-    made = fingerprint(data.folder_files(cfg["data"], subset=cfg["subset"], seed=cfg["seed"])) if folder else \
+    made = fingerprint(data.folder_files(cfg["data"], subset=cfg["subset"], seed=cfg["seed"])) \
+        if data.holds_images(cfg["data"]) else \
         "pixels:" + hashlib.blake2b(images.contiguous().numpy(), digest_size=8).hexdigest()   # CIFAR's binaries
     return Batches(images.to(device), labels.to(device), cfg, rank, world, device, made), test
 

@@ -41,6 +41,7 @@ DIGEST_BYTES = 16  # blake2b of each file's bytes, kept in the cache
 MAX_IMAGE_BYTES = 256 * 2**20  # no image file is larger: a bound on every read (a link to /dev/zero never ends)
 CACHE_FILE = re.compile(r"imagefolder-\d+px-[0-9a-f]{16}\.pt")  # load_folder's cache names
 CACHE_TEMPORARY = re.compile(r"\.imagefolder-\d+px-[0-9a-f]{16}\.pt\.[a-z0-9_]{8}\.tmp")  # a killed write's
+NOTED = set()  # the ImageFolders whose nested folders have been noted (once per process)
 KEEP_CACHES, CACHE_DAYS = 8, 30  # the cache folder keeps the 8 caches used last, none unused for 30 days
 
 NO_DATA = """\
@@ -93,6 +94,11 @@ def is_image_folder(path):
     return os.path.isdir(path) and any(class_contents(os.path.join(path, c))[0] for c in class_names(path))
 
 
+def holds_images(data, split="train"):
+    """True when data is an ImageFolder or holds one as data/<split> (load() reads it, not torchvision's)."""
+    return is_image_folder(data) or is_image_folder(os.path.join(data, split))
+
+
 def folder_split(root, split):
     """The ImageFolder for one split: root/<split>/ when root holds train/ and test/ folders, the
     root itself for the training split, or its sibling ../test for the test split."""
@@ -122,7 +128,7 @@ def load(data, dataset="cifar10", split="train", image_size=32, subset=None, see
     if why and (os.path.lexists(data) or os.path.normpath(data) != DEFAULT_ROOT):  # torchvision makes ./data
         raise DataError(f"--data {data!r} {why}. Point --data at an ImageFolder (one sub-folder per class), "
                         f"or leave it out to download {dataset} into ./{DEFAULT_ROOT}/.")
-    if is_image_folder(data) or is_image_folder(os.path.join(data, split)):
+    if holds_images(data, split):
         train = folder_split(data, "train")
         folder = train if split == "train" else folder_split(data, split)
         return load_folder(folder, image_size, subset, seed, cache or cache_dir(), workers, train)
@@ -254,15 +260,12 @@ def labelled_files(root, train):
     return [(os.path.join(root, c, f), index[c]) for c, (names, _) in contents.items() for f in names]
 
 
-NOTED = set()  # the ImageFolders whose nested folders have been noted (once per process)
-
-
 def read_cache(path, n, image_size):
     """The decoded (images, labels, digests) cached at path, or None when there is none or it cannot be
     used: not a regular file of this user's that only this user can write (another user's file, a link, a
     FIFO: files.open_to_read, private), cut short, not the n images, labels and digests expected, or a
     pickle that weights_only=True refuses."""
-    why = "it could not be read"
+    why = "could not be read"
     try:
         with open_to_read(path, follow=False, private=True) as f:
             cached = torch.load(f, weights_only=True)
@@ -272,11 +275,10 @@ def read_cache(path, n, image_size):
     except (FileNotFoundError, NotADirectoryError):  # no cache yet, or removed while we looked
         return None
     except NotRegular as e:
-        why = f"it is not used, as {e.why}"
+        why = f"is not used, as {e.why}"
     except Exception:
         pass
-    print(f"note: the data cache at {path} could not be read ({why}); decoding the images again to rebuild it",
-          file=sys.stderr)
+    print(f"note: the data cache at {path} {why}; decoding the images again to rebuild it", file=sys.stderr)
     return None
 
 
@@ -383,7 +385,7 @@ def unreadable(path, e):
 def folder_files(data, split="train", subset=None, seed=0):
     """[(image path, label)] of one split of an ImageFolder, labelled as load() labels it, and of the
     same fixed random subset of that many images as load() takes."""
-    if not (is_image_folder(data) or is_image_folder(os.path.join(data, split))):
+    if not holds_images(data, split):
         raise DataError(f"--stream reads an ImageFolder (one sub-folder per class), and --data {data!r} "
                         f"{not_a_folder(data) or 'holds none'}.")
     train = folder_split(data, "train")

@@ -175,26 +175,34 @@ def os_error(e):
     return e
 
 
-def open_to_append(path):
-    """path opened to append text: a new file, or a regular file with one link (st_nlink == 1, so it is no hard
-    link to a file elsewhere), never written through a symbolic link (O_NOFOLLOW), and opened without blocking,
-    so a FIFO cannot hang the writer. Anything else is a UserError naming what it is."""
-    refuse_link(path)
+def open_plain(path, flags):
+    """path opened with `flags` (and O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC; mode 0o666 if made) when it is a regular
+    file with one link: a new file, or one of ours, never a symbolic link, a hard link to a file elsewhere
+    (st_nlink > 1), a folder, or a FIFO that would hang the opener. Returns (fd, None), or (None, what the
+    path is, in words), the file left as it is."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as e:
-        if e.errno not in (errno.EISDIR, errno.ENXIO):   # (ENXIO: a FIFO no one reads, or a socket)
+        if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):   # a link, a folder, a socket or lone FIFO
             raise
-        fd = None
-    st = os.fstat(fd) if fd is not None else os.lstat(path)
-    if fd is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        if fd is not None:
-            os.close(fd)
-        what = kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
+        return None, kind_of(path, follow=False) or "gone"
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        os.set_blocking(fd, True)
+        return fd, None
+    os.close(fd)
+    return None, kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
+
+
+def open_to_append(path):
+    """path opened to append text when it is a new file or a regular file of one link (open_plain); anything
+    else is a UserError naming what it is."""
+    refuse_link(path)
+    fd, what = open_plain(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    if fd is None:
         raise UserError(f"{path} is {what}, not the plain file this project appends to, so it is not written "
                         f"(a hard link would change a file elsewhere). Move it away (mv {quote(path)} ...) and "
                         f"run again.")
-    os.set_blocking(fd, True)
     return os.fdopen(fd, "a")
 
 

@@ -11,8 +11,8 @@ from augment import STATS
 from models import ARCHS, STEMS
 from machinery import data
 from machinery.devices import compiler_missing
-from machinery.files import RUNS, UserError, quote, read_config
-from machinery.folders import MARK, check_writable, is_run_folder, load_checkpoint, new_run_check, run_files
+from machinery.files import RUNS, UserError, quote
+from machinery.folders import check_writable, load_checkpoint, new_run_check, resume_check
 
 CHOICES = dict(dataset=data.DATASETS, arch=ARCHS, stem=STEMS, optimizer=("lars", "sgd"),
                tau_schedule=("cosine", "constant"), normalize=tuple(STATS))
@@ -152,7 +152,7 @@ def configure(argv, defaults, recipes, doc):
     saved = {**defaults, "lars_clip": False, **ckpt["config"]}  # (runs saved before --lars-clip: unclipped)
     check_values(saved, defaults, f"the config inside {path}", "The run cannot continue from it: start a new run, or "
                  "evaluate its encoder.pt.", {**CHOICES, "recipe": tuple(recipes)})
-    check_older_run(os.path.dirname(path))
+    resume_check(os.path.dirname(path))
     changed = [f"--{k.replace('_', '-')} {v} (the run's: {saved.get(k)})" for k, v in explicit.items()
                if k not in RESUMABLE and v != saved.get(k)]
     if changed:
@@ -173,21 +173,3 @@ def configure(argv, defaults, recipes, doc):
               f"(N > {cfg['epochs']}), or evaluate it with: python test.py {quote(cfg['out'])}")
         raise SystemExit(0)
     return cfg, ckpt
-
-
-def check_older_run(out):
-    """A resumed run writes into its checkpoint's folder: a run of ours (its MARK), one saved before the MARK
-    existed (a config.json with train.py's keys), or a folder that holds the checkpoint and none of the other
-    names a run writes. Anywhere else a config.json, log.jsonl, lock or encoder.pt is a user's, which the
-    resume would replace or trim: refused, and left as it is."""
-    try:
-        cfg = read_config(out)
-    except UserError:
-        cfg = None
-    if is_run_folder(out) or cfg and {"arch", "batch_size", "epochs", "base_lr"} <= cfg.keys():
-        return
-    found = run_files(out, ("config.json", "log.jsonl", "lock", "encoder.pt"))
-    if found:
-        raise SystemExit(f"error: {out} holds {', '.join(found)}, which train.py did not write there (it is no run "
-                         f"of ours: no config.json with the \"{MARK}\" mark), so resuming there would replace them. "
-                         f"Move the checkpoint into a folder of its own and resume there.")

@@ -2,7 +2,6 @@
 start in, the lock that keeps a second training out, the checkpoint a resumed run loads, the leftovers a
 killed run leaves, the newest run, and whether test.py may write eval.json. Nothing here replaces or removes a file that this project did not
 write: a folder counts as ours by its mark, never because files with our names are in it."""
-import errno
 import fcntl
 import json
 import os
@@ -12,8 +11,8 @@ import socket
 import stat
 import tempfile
 
-from machinery.files import (RUNS, UserError, kind_of, load_weights, open_to_read, quote, read_config, read_log,
-                             refuse_link, remove_temporaries, save_lines)
+from machinery.files import (RUNS, UserError, kind_of, load_weights, open_plain, open_to_read, quote, read_config,
+                             read_log, refuse_link, remove_temporaries, save_lines)
 
 MARK, FORMAT = "byol_run", 1   # config.json's key that only this project writes, and its format version
 CHECKPOINT_KEYS = ("online", "target", "predictor", "optimizer", "step", "perm", "rng", "config")
@@ -61,6 +60,24 @@ def new_run_check(out, quiet=False, names=OWN_FILES):
     if found and not quiet:
         print(f"note: {out} holds a run that stopped before its first checkpoint ({', '.join(found)}); "
               f"this run starts it again and replaces those files")
+
+
+def resume_check(out):
+    """A resumed run writes into its checkpoint's folder: a run of ours (its MARK), one saved before the MARK
+    existed (a config.json with train.py's keys), or a folder that holds the checkpoint and none of the other
+    names a run writes. Anywhere else a config.json, log.jsonl, lock or encoder.pt is a user's, which the
+    resume would replace or trim: refused, and left as it is."""
+    try:
+        cfg = read_config(out)
+    except UserError:
+        cfg = None
+    if is_run_folder(out) or cfg and {"arch", "batch_size", "epochs", "base_lr"} <= cfg.keys():
+        return
+    found = run_files(out, ("config.json", "log.jsonl", "lock", "encoder.pt"))
+    if found:
+        raise SystemExit(f"error: {out} holds {', '.join(found)}, which train.py did not write there (it is no run "
+                         f"of ours: no config.json with the \"{MARK}\" mark), so resuming there would replace them. "
+                         f"Move the checkpoint into a folder of its own and resume there.")
 
 
 def check_writable(out):
@@ -132,8 +149,7 @@ def lock(run_dir, ours=None):
     path = os.path.join(run_dir, "lock")
     ours = is_run_folder(run_dir) if ours is None else ours
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC |
-                     (0 if ours else os.O_EXCL), 0o666)
+        fd, what = open_plain(path, os.O_RDWR | os.O_CREAT | (0 if ours else os.O_EXCL))
     except FileExistsError:
         if held(path):
             raise SystemExit(f"error: {run_dir} is in use: a training that is starting holds {path}. Wait for it, "
@@ -144,15 +160,9 @@ def lock(run_dir, ours=None):
     except PermissionError:
         raise SystemExit(f"error: {path} cannot be opened (permission denied): another user's run, or a file "
                          f"that is not ours. Train into another --out.") from None
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):   # a link, a folder, a socket
-            raise
-        fd = None
-    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_nlink != 1:
-        if fd is not None:
-            os.close(fd)
-        raise SystemExit(f"error: {path} is not the plain file train.py locks (it is a link, a hard link, a folder "
-                         f"or a device), so it is not opened. Remove it (rm -r {quote(path)}) and run again.")
+    if fd is None:
+        raise SystemExit(f"error: {path} is {what}, not the plain file train.py locks, so it is not opened. "
+                         f"Remove it (rm -r {quote(path)}) and run again.")
     f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
